@@ -1,0 +1,90 @@
+"""`t2`: the one command line. `t2 <stage>` runs that stage's Prefect flow (dvc.yaml calls these).
+
+Heavy imports happen after the arguments and params.yaml are checked, so a typo is reported
+in a second, not after Prefect has started a server.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+QUIET_ENV = {  # no telemetry, no phoning home; offline switches stay the user's choice
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_LOGGING_LEVEL": "INFO",
+}
+
+STAGE_HELP = {
+    "model": "resolve model.name, convert built-ins/GGUF once, record the base fingerprint",
+    "data": "write the train/validation/test splits of every task in data.tasks",
+    "decompose": "thin SVD of every svf.targets matrix (resumable)",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="t2", description="Transformer² pipeline: SVF experts, two-pass "
+                                "adaptation, LoRA baselines, lm-eval benchmarks.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="command")
+    for name, text in STAGE_HELP.items():
+        s = sub.add_parser(name, help=text, description=text)
+        s.add_argument("--params", default="params.yaml", help="config file (default: params.yaml)")
+    s = sub.add_parser("pipeline", help="run every stage in DAG order (through `dvc repro` by default)")
+    s.add_argument("--params", default="params.yaml")
+    s.add_argument("--no-dvc", action="store_true", help="run the stage flows in-process, without DVC")
+    s = sub.add_parser("serve", help="serve the pipeline flow for the Prefect UI (runs until stopped)")
+    s.add_argument("--params", default="params.yaml")
+    s.add_argument("--cron", default=None, help='schedule, e.g. "0 3 * * *"; none: run from the UI only')
+    s.add_argument("--name", default="transformer2-pipeline")
+    s = sub.add_parser("check-params", help="validate params.yaml and print the resolved config")
+    s.add_argument("--params", default="params.yaml")
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"t2: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
+
+    from transformer2.errors import UserError
+
+    try:
+        from transformer2.config import load_params
+
+        params = load_params(args.params)  # fail fast, before any server starts
+        if args.command == "check-params":
+            import yaml
+
+            print(yaml.safe_dump(params.model_dump(), sort_keys=False), end="")
+            return 0
+        if args.command == "pipeline":
+            from .pipeline import pipeline_flow
+
+            pipeline_flow(params_path=args.params, use_dvc=not args.no_dvc)
+        elif args.command == "serve":
+            from .pipeline import pipeline_flow
+
+            pipeline_flow.serve(name=args.name, cron=args.cron, parameters={"params_path": args.params})
+        else:
+            from .stages import STAGES
+
+            STAGES[args.command](params_path=args.params)
+    except UserError as err:
+        return _fail(str(err))
+    except KeyboardInterrupt:
+        return _fail("interrupted; rerun the same command to resume")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""Where each stage reads and writes, relative to the project root; mirrors dvc.yaml."""
+from pathlib import Path
+
+ARTIFACTS = Path("artifacts")
+MODEL_DIR = ARTIFACTS / "model"
+DATA_DIR = ARTIFACTS / "data"
+SVD_DIR = ARTIFACTS / "svd"
+EXPERTS_DIR = ARTIFACTS / "experts"
+METRICS_DIR = Path("metrics")
+PLOTS_DIR = Path("plots")
+PARAMS = Path("params.yaml")
+
+
+def metrics_file(stage: str) -> Path:
+    return METRICS_DIR / f"{stage}.json"

@@ -1,0 +1,37 @@
+"""The whole pipeline as one Prefect flow, in DAG order; `t2 serve` schedules it from the UI.
+
+By default each stage runs as `dvc repro --single-item <stage>`: DVC skips what is up to date,
+records dvc.lock and caches the outputs, while each stage still appears in Prefect as its own
+flow run. `use_dvc=False` runs the stage flows in-process (no git/DVC needed).
+"""
+from __future__ import annotations
+
+import subprocess
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from . import layout
+from .stages import STAGES
+
+# DAG order; must agree with dvc.yaml (tests/test_pipeline.py checks it does).
+STAGE_ORDER = ("model", "data", "decompose")
+
+
+@task(name="dvc-repro", cache_policy=NO_CACHE)
+def dvc_repro_task(stage: str) -> None:
+    log = get_run_logger()
+    proc = subprocess.run(["dvc", "repro", "--single-item", stage], capture_output=True, text=True)
+    for line in (proc.stdout + proc.stderr).strip().splitlines()[-20:]:
+        log.info(line)
+    if proc.returncode != 0:
+        raise RuntimeError(f"`dvc repro --single-item {stage}` failed with exit code {proc.returncode}")
+
+
+@flow(name="transformer2-pipeline")
+def pipeline_flow(params_path: str = str(layout.PARAMS), use_dvc: bool = True) -> None:
+    for stage in STAGE_ORDER:
+        if use_dvc:
+            dvc_repro_task.with_options(name=f"dvc-repro-{stage}")(stage)
+        else:
+            STAGES[stage](params_path=params_path)

