@@ -1,0 +1,39 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# Offline and quiet, whatever the caller's shell has.
+for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                   "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1",
+                   "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                   "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}.items():
+    os.environ.setdefault(key, value)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mirror_dir() -> Path | None:
+    value = os.environ.get("T2_DATA_DIR")
+    if value and Path(value).is_dir():
+        return Path(value)
+    default = ROOT.parent / "shared" / "data"
+    return default if default.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def mirror() -> Path:
+    path = mirror_dir()
+    if path is None:
+        pytest.skip("no local data mirror: set T2_DATA_DIR to a folder with the layout of shared/data")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A prepared built-in tiny random Llama (checkpoint + model.json), shared by the session."""
+    from transformer2.models import prepare_model
+
+    out = tmp_path_factory.mktemp("model")
+    prepare_model("builtin:tiny-random-llama", out)
+    return out

@@ -1,0 +1,66 @@
+import pytest
+
+from transformer2.benchmarks import (BENCHMARKS, DataError, data_dir, export_splits, load_source, load_split,
+                                     prepare_splits, read_jsonl)
+
+PAPER_COUNTS = {
+    "gsm8k": {"train": 3737, "validation": 3736, "test": 1319},
+    "arc_easy": {"train": 1126, "validation": 1125, "test": 2376},
+    "mbpp": {"train": 200, "validation": 100, "test": 500},
+    "arc_challenge": {"train": 1119, "validation": 299, "test": 1172},
+    "math": {"train": 7500, "test": 5000},
+    "humaneval": {"test": 164},
+}
+
+
+@pytest.mark.parametrize("name", list(BENCHMARKS))
+def test_split_counts_on_mirror(name, mirror):
+    splits = prepare_splits(name, mirror)
+    assert {k: len(v) for k, v in splits.items()} == PAPER_COUNTS[name]
+
+
+def test_splits_are_disjoint_and_deterministic(mirror):
+    for name in ("gsm8k", "arc_easy", "mbpp"):
+        a, b = prepare_splits(name, mirror), prepare_splits(name, mirror)
+        assert a == b
+        key = "task_id" if name == "mbpp" else ("id" if name == "arc_easy" else "question")
+        train = {d[key] for d in a["train"]}
+        assert not train & {d[key] for d in a["validation"]}
+        assert not train & {d[key] for d in a["test"]}
+
+
+def test_export_and_reload(mirror, tmp_path):
+    counts = export_splits("arc_easy", tmp_path, mirror, max_rows=7)
+    assert counts == {"train": 7, "validation": 7, "test": 7}
+    docs = load_split(tmp_path, "arc_easy", "test")
+    assert docs == read_jsonl(mirror / "arc_easy" / "test.jsonl")[:7]
+    assert set(docs[0]) == {"id", "question", "choices", "answerKey"}
+
+
+def test_missing_mirror_file_names_the_path(tmp_path):
+    (tmp_path / "gsm8k").mkdir()
+    with pytest.raises(DataError, match="gsm8k/train.jsonl"):
+        load_source("gsm8k", "train", tmp_path)
+
+
+def test_hub_unreachable_names_t2_data_dir(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match="T2_DATA_DIR"):
+        load_source("humaneval", "test", None)
+
+
+def test_data_dir_resolution(monkeypatch, tmp_path):
+    monkeypatch.delenv("T2_DATA_DIR", raising=False)
+    assert data_dir(None) is None
+    monkeypatch.setenv("T2_DATA_DIR", str(tmp_path))
+    assert data_dir(None) == tmp_path
+    with pytest.raises(DataError, match="data.dir points at"):
+        data_dir(str(tmp_path / "missing"))
+    with pytest.raises(DataError, match="unknown benchmark"):
+        load_source("squad", "train", tmp_path)
+
+
+def test_unexported_split_says_which_stage(tmp_path):
+    with pytest.raises(DataError, match="run the data stage"):
+        load_split(tmp_path, "gsm8k", "train")

@@ -1,0 +1,52 @@
+import pytest
+import yaml
+
+from transformer2.config import ConfigError, Params, load_params, parse_params
+
+from .conftest import ROOT
+
+
+def test_repo_params_yaml_is_valid():
+    params = load_params(ROOT / "params.yaml")
+    assert params.model.name == "builtin:smollm2-135m-instruct"
+    assert params.svf.targets == "mlp"
+
+
+def test_defaults_from_empty_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("")
+    assert load_params(path) == Params()
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"svf": {"target": "mlp"}}, "svf.target: unknown key"),
+    ({"modle": {}}, "modle: unknown key"),
+    ({"rl": {"steps": "many"}}, "rl.steps"),
+    ({"model": {"dtype": "float8"}}, "model.dtype"),
+    ({"model": {"device": "tpu"}}, "model.device"),
+    ({"svf": {"targets": "mlps"}}, "svf.targets"),
+    ({"data": {"tasks": ["gsm8k", "squad"]}}, "data.tasks"),
+    ({"svf": {"init_std": -1}}, "svf.init_std"),
+])
+def test_errors_name_the_key(data, key):
+    with pytest.raises(ConfigError) as err:
+        parse_params(data, "params.yaml")
+    assert key in str(err.value)
+    assert str(err.value).startswith("params.yaml:")
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+    bad.write_text(yaml.safe_dump(["a", "list"]))
+    with pytest.raises(ConfigError, match="mapping"):
+        load_params(bad)
+
+
+def test_explicit_target_patterns_accepted():
+    params = parse_params({"svf": {"targets": [r".*\.mlp\.down_proj"]}})
+    assert params.svf.targets == [r".*\.mlp\.down_proj"]
