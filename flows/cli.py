@@ -33,6 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in STAGE_HELP.items():
         s = sub.add_parser(name, help=text, description=text)
         s.add_argument("--params", default="params.yaml", help="config file (default: params.yaml)")
+    s = sub.add_parser("train-expert", help="train one SVF expert with REINFORCE (stage `expert`)")
+    s.add_argument("--task", required=True, help="training task, e.g. gsm8k, mbpp, arc_easy")
+    s.add_argument("--params", default="params.yaml")
+    s.add_argument("--resume", action="store_true",
+                   help="continue from the run's checkpoint if one of the same config exists")
     s = sub.add_parser("pipeline", help="run every stage in DAG order (through `dvc repro` by default)")
     s.add_argument("--params", default="params.yaml")
     s.add_argument("--no-dvc", action="store_true", help="run the stage flows in-process, without DVC")
@@ -75,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
             from .pipeline import pipeline_flow
 
             pipeline_flow.serve(name=args.name, cron=args.cron, parameters={"params_path": args.params})
+        elif args.command == "train-expert":
+            from .stages import expert_flow
+
+            if args.task not in params.rl.tasks:
+                return _fail(f"--task {args.task!r} is not in rl.tasks {params.rl.tasks}")
+            expert_flow(task=args.task, params_path=args.params, resume=args.resume)
         else:
             from .stages import STAGES
 

@@ -6,6 +6,7 @@ MODEL_DIR = ARTIFACTS / "model"
 DATA_DIR = ARTIFACTS / "data"
 SVD_DIR = ARTIFACTS / "svd"
 EXPERTS_DIR = ARTIFACTS / "experts"
+CHECKPOINTS_DIR = ARTIFACTS / "checkpoints"  # resumable training state; not a DVC output
 METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")
 PARAMS = Path("params.yaml")

@@ -15,7 +15,7 @@ from . import layout
 from .stages import STAGES
 
 # DAG order; must agree with dvc.yaml (tests/test_pipeline.py checks it does).
-STAGE_ORDER = ("model", "data", "decompose")
+STAGE_ORDER = ("model", "data", "decompose", "expert")
 
 
 @task(name="dvc-repro", cache_policy=NO_CACHE)
@@ -33,5 +33,12 @@ def pipeline_flow(params_path: str = str(layout.PARAMS), use_dvc: bool = True) -
     for stage in STAGE_ORDER:
         if use_dvc:
             dvc_repro_task.with_options(name=f"dvc-repro-{stage}")(stage)
+        elif stage == "expert":
+            from transformer2.config import load_params
+
+            from .stages import expert_flow
+
+            for task in load_params(params_path).rl.tasks:
+                expert_flow(task=task, params_path=params_path, resume=True)
         else:
             STAGES[stage](params_path=params_path)

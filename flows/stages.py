@@ -30,4 +30,15 @@ def decompose_flow(params_path: str = str(layout.PARAMS)) -> dict:
                           str(layout.metrics_file("decompose")))
 
 
+@flow(name="expert", flow_run_name="expert-{task}")
+def expert_flow(task: str, params_path: str = str(layout.PARAMS), resume: bool = False) -> dict:
+    from tasks.expert import train_expert_task
+
+    params = load_params(params_path)
+    return train_expert_task(params, task, str(layout.MODEL_DIR), str(layout.SVD_DIR), str(layout.DATA_DIR),
+                             str(layout.EXPERTS_DIR / task), str(layout.CHECKPOINTS_DIR / f"expert_{task}"),
+                             str(layout.metrics_file(f"expert_{task}")), str(layout.PLOTS_DIR / f"expert_{task}.csv"),
+                             resume=resume)
+
+
 STAGES = {"model": model_flow, "data": data_flow, "decompose": decompose_flow}

@@ -319,3 +319,15 @@ def load_base(model_dir: str | Path, *, dtype: str = "float32", device: str = "c
     info = ModelInfo.load(model_dir)
     model, tokenizer = load_model(info.path, dtype=dtype, device=device, revision=info.revision)
     return model, tokenizer, info
+
+
+def load_patched(model_dir: str | Path, svd_dir: str | Path, svf_config, *, dtype: str = "float32",
+                 device: str = "cpu"):
+    """The base model with every cached SVD target wrapped for SVF: (model, tokenizer, info)."""
+    from .svd import load_factors
+    from .svf import apply_svf, find_targets
+
+    model, tokenizer, info = load_base(model_dir, dtype=dtype, device=device)
+    names = find_targets(model, svf_config.targets)
+    apply_svf(model, load_factors(svd_dir, info.fingerprint, modules=names), svf_config)
+    return model, tokenizer, info

@@ -1,0 +1,105 @@
+"""The real pipeline path: `dvc repro` of dvc.yaml on a tiny profile, end to end."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from transformer2.config import parse_params
+
+from .conftest import ROOT
+
+TINY = {
+    "seed": 0,
+    "model": {"name": "builtin:tiny-random-llama"},
+    "data": {"tasks": ["gsm8k", "mbpp", "arc_easy", "math", "humaneval", "arc_challenge"], "max_rows": 6},
+    "svf": {"targets": "all"},
+    "rl": {"tasks": ["gsm8k"], "steps": 2, "batch_size": 2, "max_new_tokens": 8, "eval_every": 1,
+           "val_size": 3, "eval_batch_size": 3},
+    "tracking": {"uri": "sqlite:///mlflow.db", "experiment": "tiny"},
+}
+
+
+def _env(mirror: Path) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["T2_DATA_DIR"] = str(mirror)
+    return env
+
+
+def _run(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, mirror):
+    """A fresh git + DVC project with this repo's dvc.yaml and a tiny params.yaml."""
+    root = tmp_path_factory.mktemp("project")
+    shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
+    full = parse_params(TINY).model_dump()  # DVC wants every key a stage names to be in the file
+    (root / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
+    env = _env(mirror)
+    env["PREFECT_HOME"] = str(root / ".prefect")
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        proc = _run(cmd, root, env)
+        assert proc.returncode == 0, proc.stderr
+    return root, env
+
+
+def test_dvc_repro_runs_every_stage(project):
+    root, env = project
+    proc = _run(["dvc", "repro"], root, env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    model = json.loads((root / "artifacts/model/model.json").read_text())
+    assert model["architecture"] == "LlamaForCausalLM"
+    data = json.loads((root / "metrics/data.json").read_text())
+    assert data["rows"]["gsm8k"] == {"train": 6, "validation": 6, "test": 6}
+    decompose = json.loads((root / "metrics/decompose.json").read_text())
+    assert decompose["modules"] == 14 and decompose["max_rel_reconstruction_error"] < 1e-5
+    svd_index = json.loads((root / "artifacts/svd/index.json").read_text())
+    assert svd_index["fingerprint"] == model["fingerprint"]
+    expert = json.loads((root / "artifacts/experts/gsm8k/expert.json").read_text())
+    assert expert["base_fingerprint"] == model["fingerprint"] and expert["provenance"]["task"] == "gsm8k"
+    metrics = json.loads((root / "metrics/expert_gsm8k.json").read_text())
+    assert metrics["steps"] == 2 and 0 <= metrics["best_val_accuracy"] <= 1
+    curve = (root / "plots/expert_gsm8k.csv").read_text().splitlines()
+    assert curve[0].startswith("step,reward") and len(curve) == 3
+    assert (root / "mlflow.db").is_file()
+
+
+def test_second_repro_does_nothing(project):
+    root, env = project
+    proc = _run(["dvc", "repro"], root, env)
+    assert proc.returncode == 0
+    assert "Data and pipelines are up to date" in proc.stdout
+    assert "Running stage" not in proc.stdout
+
+
+def test_mlflow_has_a_run_per_stage(project):
+    root, env = project
+    script = ("import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db'); "
+              "runs = mlflow.search_runs(experiment_names=['tiny']); "
+              "print(sorted(runs['tags.stage'].tolist()))")
+    proc = _run([sys.executable, "-c", script], root, env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "['data', 'decompose', 'expert', 'model']"
+
+
+def test_bad_params_fail_fast_with_the_key(project, tmp_path):
+    root, env = project
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**TINY, "svf": {"targest": "mlp"}}))
+    proc = _run(["t2", "decompose", "--params", str(bad)], root, env, timeout=60)
+    assert proc.returncode == 2
+    assert "svf.targest: unknown key" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_pipeline_order_matches_dvc_yaml():
+    from flows.pipeline import STAGE_ORDER
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == list(STAGE_ORDER)

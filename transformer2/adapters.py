@@ -1,0 +1,123 @@
+"""What a trainer trains: an SVF expert or a PEFT LoRA adapter, behind one small interface.
+
+The RL and next-token objectives are written once against `Adapter`, so the paper's
+ablations (SVF + next-token, LoRA + RL) are the same trainers with another adapter.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import torch
+
+from .svf import Expert, set_expert, svf_layers
+
+
+class Adapter(Protocol):
+    kind: str
+
+    def trainable(self) -> list[torch.Tensor]: ...
+
+    def state(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def disabled(self): ...  # context manager: the exact base model (for KL and baselines)
+
+    def inference(self): ...  # context manager: fastest frozen form, for rollouts and validation
+
+    def save(self, folder: str | Path, provenance: dict) -> None: ...
+
+
+class SVFAdapter:
+    """Trains the z vectors of an SVF-patched model; the base weights stay frozen."""
+
+    kind = "svf"
+
+    def __init__(self, model, expert: Expert):
+        self.model = model
+        self.expert = expert
+        self.live = set_expert(model, expert, trainable=True)
+
+    def trainable(self) -> list[torch.Tensor]:
+        return list(self.live.values())
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(z.numel() for z in self.live.values())
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu").clone() for k, v in self.live.items()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, v in self.live.items():
+                v.copy_(state[k])
+
+    def _set(self, frozen: bool | None) -> None:
+        for name, layer in svf_layers(self.model).items():
+            z = self.live[name]
+            layer.set_z(None if frozen is None else (z.detach() if frozen else z))
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        self._set(None)
+        try:
+            yield
+        finally:
+            self._set(False)
+
+    @contextmanager
+    def inference(self) -> Iterator[None]:
+        self._set(True)  # W' rebuilt once per layer: generation at base-model speed
+        try:
+            yield
+        finally:
+            self._set(False)
+
+    def to_expert(self, provenance: dict) -> Expert:
+        return Expert(self.state(), self.expert.base_fingerprint, self.expert.config,
+                      {**self.expert.provenance, **provenance})
+
+    def save(self, folder: str | Path, provenance: dict) -> None:
+        self.to_expert(provenance).save(folder)
+
+
+class LoRAAdapter:
+    """A PEFT LoRA model: the adapter's own parameters are the trainable ones."""
+
+    kind = "lora"
+
+    def __init__(self, peft_model):
+        self.model = peft_model
+        self.params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+
+    def trainable(self) -> list[torch.Tensor]:
+        return list(self.params.values())
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu").clone() for k, v in self.params.items()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, v in self.params.items():
+                v.copy_(state[k])
+
+    def disabled(self):
+        return self.model.disable_adapter()
+
+    @contextmanager
+    def inference(self) -> Iterator[None]:
+        yield
+
+    def save(self, folder: str | Path, provenance: dict) -> None:
+        import json
+
+        folder = Path(folder)
+        self.model.save_pretrained(folder)  # PEFT's own format: PeftModel.from_pretrained / lm-eval peft=
+        (folder / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")

@@ -1,0 +1,185 @@
+"""The one training loop: batches → objective → clip → step, validation, best-keeping, resume.
+
+Objectives (REINFORCE in `rl.py`, next-token in `sft.py`) are functions
+`objective(docs) -> metrics` that run their own forward/backward (so they can micro-batch);
+the loop owns the optimiser, the schedule, validation and checkpoints.
+
+Checkpoints hold everything the next step depends on (adapter state, optimiser and schedule
+state, step, RNG states, history, best so far) and are replaced atomically, so a run killed
+with SIGKILL loses at most `checkpoint_every` steps and, resumed, ends with the same adapter
+as an uninterrupted run with the same seed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .adapters import Adapter
+from .errors import UserError
+
+CHECKPOINT = "checkpoint.pt"
+Objective = Callable[[list[dict]], dict]  # docs -> metrics (floats); gradients accumulated
+Validate = Callable[[], float]            # accuracy of the adapter in its current state
+Progress = Optional[Callable[[dict], None]]
+
+
+@dataclass
+class LoopConfig:
+    steps: int = 20
+    batch_size: int = 8
+    lr: float = 2e-3
+    optimizer: str = "adam"          # adam (reference) | adamw (paper)
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"    # constant | cosine
+    warmup_steps: int = 0
+    grad_clip: float = 1e-3
+    eval_every: int = 5
+    checkpoint_every: int = 1
+    seed: int = 0
+
+    def fingerprint(self, extra: dict | None = None) -> str:
+        """Identifies the run: resuming under a different config would silently mix two runs."""
+        return hashlib.sha256(json.dumps({**asdict(self), **(extra or {})}, sort_keys=True,
+                                         default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainResult:
+    best_state: dict[str, torch.Tensor]
+    best_step: int
+    best_val_accuracy: float
+    base_val_accuracy: float
+    history: list[dict] = field(default_factory=list)
+    validations: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_from: int = 0
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """Docs of a step: a seeded permutation per epoch, a pure function of the step (resume-safe)."""
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(perm[offset]))
+    return out
+
+
+def make_optimizer(params: Sequence[torch.Tensor], cfg: LoopConfig):
+    if cfg.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        raise UserError(f"unknown optimizer {cfg.optimizer!r}; use adam or adamw")
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.lr_schedule == "cosine":
+            progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        raise UserError(f"unknown lr_schedule {cfg.lr_schedule!r}; use constant or cosine")
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def fit(adapter: Adapter, objective: Objective, validate: Validate, train_docs: Sequence[dict],
+        cfg: LoopConfig, run_dir: str | Path, *, resume: bool = False, run_id: str = "",
+        progress: Progress = None) -> TrainResult:
+    """Train `adapter` with `objective` for cfg.steps steps, validating every cfg.eval_every steps.
+
+    `run_id` names everything else the run depends on (task, objective settings, base model);
+    a checkpoint from a different run is never resumed.
+    """
+    if not train_docs:
+        raise UserError("no training documents")
+    ckpt_path = Path(run_dir) / CHECKPOINT
+    opt, sched = make_optimizer(adapter.trainable(), cfg)
+    identity = cfg.fingerprint({"run_id": run_id})
+    step, history, validations, best, resumed_from = 0, [], [], None, 0
+    base_acc = None
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        if ckpt["identity"] == identity:
+            adapter.load_state(ckpt["adapter"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            _set_rng_state(ckpt["rng"])
+            step, history, validations = ckpt["step"], ckpt["history"], ckpt["validations"]
+            best, base_acc, resumed_from = ckpt["best"], ckpt["base_val_accuracy"], ckpt["step"]
+        else:
+            print(f"note: {ckpt_path} belongs to a different config; starting afresh")
+    if step == 0:
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+    if base_acc is None:
+        with adapter.disabled():
+            base_acc = validate()
+        validations.append({"step": 0, "val_accuracy": base_acc, "weights": "base"})
+    start = time.perf_counter()
+    while step < cfg.steps:
+        docs = [train_docs[i] for i in batch_indices(step, cfg.batch_size, len(train_docs), cfg.seed)]
+        opt.zero_grad(set_to_none=True)
+        metrics = objective(docs)
+        t = time.perf_counter()
+        grad_norm = torch.nn.utils.clip_grad_norm_(adapter.trainable(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        step += 1
+        metrics.update(step=step, grad_norm=float(grad_norm), lr=opt.param_groups[0]["lr"],
+                       seconds_update=round(time.perf_counter() - t, 4))
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            with adapter.inference():
+                acc = validate()
+            metrics["val_accuracy"] = acc
+            validations.append({"step": step, "val_accuracy": acc, "weights": adapter.kind})
+            if best is None or acc > best["val_accuracy"]:
+                best = {"step": step, "val_accuracy": acc, "state": adapter.state()}
+        history.append(metrics)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            _save_checkpoint(ckpt_path, {
+                "identity": identity, "step": step, "adapter": adapter.state(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "rng": _rng_state(), "history": history,
+                "validations": validations, "best": best, "base_val_accuracy": base_acc})
+        if progress:
+            progress(metrics)
+    assert best is not None  # the last step always validates
+    return TrainResult(best_state=best["state"], best_step=best["step"], best_val_accuracy=best["val_accuracy"],
+                       base_val_accuracy=base_acc, history=history, validations=validations,
+                       seconds=round(time.perf_counter() - start, 3), resumed_from=resumed_from)
