@@ -41,10 +41,14 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("pipeline", help="run every stage in DAG order (through `dvc repro` by default)")
     s.add_argument("--params", default="params.yaml")
     s.add_argument("--no-dvc", action="store_true", help="run the stage flows in-process, without DVC")
+    s.add_argument("--parallel", action="store_true", help="with --no-dvc: train the experts concurrently")
     s = sub.add_parser("serve", help="serve the pipeline flow for the Prefect UI (runs until stopped)")
     s.add_argument("--params", default="params.yaml")
     s.add_argument("--cron", default=None, help='schedule, e.g. "0 3 * * *"; none: run from the UI only')
     s.add_argument("--name", default="transformer2-pipeline")
+    sub.add_parser("lm-eval", help="lm-evaluation-harness's CLI with the `transformer2` model registered "
+                   "(all lm-eval options; e.g. --model transformer2 --model_args pretrained=artifacts/model,"
+                   "svd=artifacts/svd,expert=artifacts/experts/gsm8k --tasks gsm8k)", add_help=False)
     s = sub.add_parser("check-params", help="validate params.yaml and print the resolved config")
     s.add_argument("--params", default="params.yaml")
     return p
@@ -56,10 +60,19 @@ def _fail(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
+    if argv[:1] == ["lm-eval"]:  # lm-eval's own CLI, with the `transformer2` model registered
+        from transformer2.errors import UserError
+        from transformer2.harness import cli_main
+
+        try:
+            return cli_main(argv[1:])
+        except UserError as err:
+            return _fail(str(err))
+    args = _parser().parse_args(argv)
 
     from transformer2.errors import UserError
 
@@ -75,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "pipeline":
             from .pipeline import pipeline_flow
 
-            pipeline_flow(params_path=args.params, use_dvc=not args.no_dvc)
+            pipeline_flow(params_path=args.params, use_dvc=not args.no_dvc, parallel=args.parallel)
         elif args.command == "serve":
             from .pipeline import pipeline_flow
 
