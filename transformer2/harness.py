@@ -159,6 +159,86 @@ def _keyword(lm: "Transformer2LM", experts: Mapping[str, Expert], routes: Mappin
 STRATEGIES: dict[str, StrategyFactory] = {"fixed": _fixed, "keyword": _keyword}
 
 
+# ---------------------------------------------------------------- the paper's two-pass strategies
+# prompt / classifier: the model classifies each question (dispatch.py), classifier with z_c;
+# few_shot: one mix z' = Σ α_k z_k found by CEM on labelled shots (cem.py). Their first pass
+# runs inside `assign`, so `lm.stats.first_pass_s` / `second_pass_s` separate the two.
+
+def _dispatch_strategy(name: str, lm: "Transformer2LM", experts: Mapping[str, Expert],
+                       classifier: Optional[Expert], mode: str, routes: Optional[Mapping[str, Optional[str]]],
+                       batch_size: int, max_new_tokens: int, max_question_chars: Optional[int]):
+    from .dispatch import DispatchError, DispatchStrategy
+
+    try:
+        return DispatchStrategy(lm.model, lm.tokenizer, experts, mode=mode, classifier=classifier, routes=routes,
+                                batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                max_question_chars=max_question_chars)
+    except DispatchError as err:
+        raise HarnessError(f"strategy {name}: {err}") from None
+
+
+def _prompt(lm: "Transformer2LM", experts: Mapping[str, Expert], mode: str = "loglik",
+            routes: Optional[Mapping[str, Optional[str]]] = None, batch_size: int = 8, max_new_tokens: int = 32,
+            max_question_chars: Optional[int] = 4000):
+    """experts named by task (gsm8k, mbpp, arc_easy); the base model classifies (mode generate | loglik)."""
+    return _dispatch_strategy("prompt", lm, experts, None, mode, routes, batch_size, max_new_tokens,
+                              max_question_chars)
+
+
+def _classifier(lm: "Transformer2LM", experts: Mapping[str, Expert], classifier: str = "classifier",
+                mode: str = "loglik", routes: Optional[Mapping[str, Optional[str]]] = None, batch_size: int = 8,
+                max_new_tokens: int = 32, max_question_chars: Optional[int] = 4000):
+    """As `prompt`, but the first pass runs with the classification expert experts[classifier] (z_c)."""
+    if classifier not in experts:
+        raise HarnessError(f"strategy classifier: no expert named {classifier!r} (the classification expert z_c); "
+                           f"known: {sorted(experts)}")
+    rest = {k: v for k, v in experts.items() if k != classifier}
+    return _dispatch_strategy("classifier", lm, rest, experts[classifier], mode, routes, batch_size, max_new_tokens,
+                              max_question_chars)
+
+
+def _few_shot(lm: "Transformer2LM", experts: Mapping[str, Expert], alpha: Any = None, keys: Optional[list] = None,
+              result: Optional[str] = None, task: Optional[str] = None, data_root: Optional[str] = None,
+              split: str = "train", shots: int = 10, seed: int = 0, population: int = 32,
+              elite_ratio: float = 0.2, generations: int = 10, init_std: float = 0.5, per_matrix: bool = False,
+              method: str = "batched", batch_size: int = 16, max_new_tokens: int = 128):
+    """A fixed mix: from `alpha` (+ `keys`, default every expert but "classifier"), from a saved CEM
+    `result` (cem.json), or found by CEM on `shots` docs of `task`'s `split` at the first request."""
+    from .cem import CEMConfig, CEMError, CEMResult, FewShotStrategy, draw_shots
+
+    try:
+        if result is not None:
+            res = CEMResult.load(result)
+        elif alpha is not None:
+            names = list(keys) if keys else [k for k in experts if k != "classifier"]
+            res = CEMResult(alpha=alpha if isinstance(alpha, list) else list(alpha), keys=names,
+                            accuracy=float("nan"), loglik=float("nan"))
+        else:
+            res = None
+        if res is not None:
+            return FewShotStrategy(lm.model, lm.tokenizer, experts, result=res)
+        if task is None:
+            raise CEMError("give alpha, a CEM result, or task (+ data_root, split, shots) to run CEM on")
+        if split == "test":
+            raise CEMError("shots must not come from the test split the cell is evaluated on; use train/validation, "
+                           "or run CEM beforehand on shots removed from the evaluation set and pass result=")
+        from .benchmarks import data_dir, load_source, load_split
+
+        docs = (load_split(data_root, task, split) if data_root is not None
+                else load_source(task, split, data_dir()))
+        names = list(keys) if keys else [k for k in experts if k != "classifier"]
+        cfg = CEMConfig(population=population, elite_ratio=elite_ratio, generations=generations, init_std=init_std,
+                        per_matrix=per_matrix, seed=seed)
+        return FewShotStrategy(lm.model, lm.tokenizer, {k: experts[k] for k in names}, task=task,
+                               shots=draw_shots(docs, shots, seed)[0], config=cfg, method=method,
+                               batch_size=batch_size, max_new_tokens=max_new_tokens)
+    except (CEMError, KeyError) as err:
+        raise HarnessError(f"strategy few_shot: {err}") from None
+
+
+STRATEGIES.update({"prompt": _prompt, "classifier": _classifier, "few_shot": _few_shot})
+
+
 @dataclass
 class AdaptationStats:
     """Where the time went: first pass (choosing z) and second pass (answering), in seconds."""
@@ -519,6 +599,55 @@ def task_config_dir(data_root: Optional[Path], out_dir: Path, style: str = "all"
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(out_dir / f"{name}.yaml")
     return out_dir
+
+
+# ---------------------------------------------------------------- one evaluation cell
+
+HARNESS_NAMES = {"math": "hendrycks_math"}  # our task name -> lm-eval's, where they differ
+HEADLINE = {"gsm8k": "exact_match,flexible-extract", "arc_easy": "acc_norm,none", "arc_challenge": "acc_norm,none",
+            "mbpp": "pass_at_1,none", "humaneval": "pass@1,create_test", "math": "exact_match,none"}
+
+
+def lm_eval_task_name(task: str, style: str) -> str:
+    if style == "paper":
+        return f"t2_{task}"
+    if style == "harness":
+        return HARNESS_NAMES.get(task, task)
+    raise HarnessError(f"eval style must be harness or paper, got {style!r}")
+
+
+def evaluate_task(model_args: Mapping[str, Any], task: str, *, data_root: Optional[Path], style: str = "harness",
+                  limit: Optional[int] = None, batch_size: int = 8, num_fewshot: Optional[int] = None,
+                  apply_chat_template: bool = False, gen_kwargs: Optional[dict] = None,
+                  device: str = "cpu", dtype: str = "float32", seed: int = 0) -> dict:
+    """Run one (model, task) cell through lm-eval's `simple_evaluate` with the `transformer2` model.
+
+    Returns {"metrics": {name: value}, "headline": (name, value), "results": lm-eval's results
+    dict (JSON-ready), "samples": per-sample outputs, "adaptation": first/second pass stats}.
+    """
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    name = lm_eval_task_name(task, style)
+    with tempfile.TemporaryDirectory(prefix="t2-tasks-") as tmp:
+        include = task_config_dir(data_root, Path(tmp), style=style)
+        manager = TaskManager(include_path=str(include), include_defaults=True)
+        out = lm_eval.simple_evaluate(
+            model="transformer2", model_args={"device": device, "dtype": dtype, **model_args}, tasks=[name], limit=limit, batch_size=batch_size,
+            num_fewshot=num_fewshot, apply_chat_template=apply_chat_template, gen_kwargs=gen_kwargs,
+            task_manager=manager, log_samples=True, random_seed=seed, numpy_random_seed=seed,
+            torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=0)
+    results = json.loads(json.dumps(out["results"], default=str))
+    metrics = {k: v for k, v in results.get(name, {}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and "_stderr" not in k}
+    key = "acc,none" if style == "paper" else HEADLINE[task]
+    if key not in metrics:
+        raise HarnessError(f"{name}: lm-eval reported no {key!r} (got {sorted(metrics)})")
+    samples = json.loads(json.dumps(out.get("samples", {}), default=str))
+    adaptation = out.get("config", {}).get("transformer2", {})
+    return {"task": name, "metrics": metrics, "headline": {"metric": key, "value": metrics[key]},
+            "results": results, "samples": samples, "adaptation": adaptation,
+            "n_samples": out.get("n-samples", {}).get(name, {})}
 
 
 # ---------------------------------------------------------------- CLI

