@@ -31,6 +31,8 @@ SYSTEM_PROMPTS["arc_challenge"] = SYSTEM_PROMPTS["arc_easy"]
 
 def question_text(task: str, doc: dict) -> str:
     """The question as the user sees it; also what the dispatch classifier reads."""
+    if task == CLASSIFY_TASK:
+        return doc["question"]
     if task == "gsm8k":
         return doc["question"]
     if task in ("arc_easy", "arc_challenge"):
@@ -48,6 +50,8 @@ def question_text(task: str, doc: dict) -> str:
 
 
 def build_messages(task: str, doc: dict) -> list[dict]:
+    if task == CLASSIFY_TASK:  # pseudo-task: docs {"question", "label"} (see classifier.py)
+        return build_classify_messages(doc["question"])
     return [{"role": "system", "content": SYSTEM_PROMPTS[task]},
             {"role": "user", "content": question_text(task, doc)}]
 
@@ -67,12 +71,18 @@ def reference_answer(task: str, doc: dict) -> str:
         return f"```python\n{doc['code'].replace(chr(13) + chr(10), chr(10)).strip()}\n```"
     if task == "humaneval":
         return f"```python\n{doc['prompt']}{doc['canonical_solution'].rstrip()}\n```"
+    if task == CLASSIFY_TASK:
+        return f"Classification: \\boxed{{{doc['label']}}}"
     raise KeyError(f"no reference answer for task {task!r}")
 
 
 # ---------------------------------------------------------------- dispatch classification
 
 CATEGORIES = ("code", "math", "reasoning", "other")
+# Pseudo-task for training the classification expert z_c with the RL trainer unchanged: docs are
+# {"question": str, "label": category}; the prompt is the classification prompt, the reward
+# whether parse_category(answer) == label (scoring.score_classify). Not a benchmark.
+CLASSIFY_TASK = "classify"
 CLASSIFY_SYSTEM_PROMPT = """Classify the user's question into exactly one of four categories:
 - code: asks for a program, function or algorithm, or about programming languages, syntax or data structures.
 - math: asks for a calculation or a mathematical result: arithmetic, word problems, algebra, geometry, probability, statistics.

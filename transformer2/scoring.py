@@ -181,6 +181,13 @@ def score_humaneval(doc: dict, completion: str, limits: Optional[SandboxLimits] 
     return run_python(code_program_humaneval(doc, completion), limits or SandboxLimits()).passed
 
 
+def score_classify(doc: dict, completion: str) -> bool:
+    """Pseudo-task "classify" (the dispatch classifier's RL reward): the \\boxed{} label is the doc's."""
+    from .prompts import parse_category  # prompts imports this module
+
+    return parse_category(completion) == doc["label"]
+
+
 SCORERS: dict[str, Callable[[dict, str], bool]] = {
     "gsm8k": score_gsm8k,
     "arc_easy": score_arc,
@@ -190,6 +197,8 @@ SCORERS: dict[str, Callable[[dict, str], bool]] = {
     "humaneval": score_humaneval,
 }
 _PROGRAMS = {"mbpp": code_program_mbpp, "humaneval": code_program_humaneval}
+# Scorers of pseudo-tasks (not benchmarks, so not in SCORERS): score_batch serves them too.
+PSEUDO_SCORERS: dict[str, Callable[[dict, str], bool]] = {"classify": score_classify}
 
 
 def score_batch(task: str, docs: Sequence[dict], completions: Sequence[str], workers: int = 2,
@@ -200,4 +209,5 @@ def score_batch(task: str, docs: Sequence[dict], completions: Sequence[str], wor
     if task in _PROGRAMS:
         programs = [_PROGRAMS[task](d, c) for d, c in zip(docs, completions)]
         return [r.passed for r in run_many(programs, limits or SandboxLimits(), workers=workers)]
-    return [SCORERS[task](d, c) for d, c in zip(docs, completions)]
+    scorer = SCORERS[task] if task in SCORERS else PSEUDO_SCORERS[task]
+    return [scorer(d, c) for d, c in zip(docs, completions)]

@@ -1,0 +1,373 @@
+"""Few-shot adaptation: z' = Σ_k α_k z_k with α found by the Cross-Entropy Method on k shots.
+
+Search (the reference's CEM): α ~ N(mean, std) clamped to [0, 1]; initial mean 1/K, initial
+std 0.5; α is one weight per expert (K,) or per expert and matrix (K, M) (`per_matrix`); the
+elites (the best `elite_ratio` of the population) give the next mean and std; with
+`keep_best` (the reference's re_eval_best) member 0 of every population is the best α so far.
+Mixing happens in z space, so a mix goes through the same f(z) and norm as each expert.
+
+Fitness of a candidate α on the shots: accuracy first; ties broken by the mean log-likelihood
+of the GOLD answer (per token, averaged over the shots) — defined for every candidate, and
+higher when the mix is more confident in the right answer. (The reference breaks ties by the
+log-likelihood of the model's own answers on the shots it got right, 0 when it got none right,
+which rewards confident answers whatever they are and compares candidates on different shots.)
+Elites are taken by the same order (accuracy, then log-likelihood).
+- multiple choice (ARC): each option's continuation "The answer is (X" is scored after the
+  paper's chat prompt (no decoding); the prediction is the most likely option, the gold
+  log-likelihood that of the correct option;
+- generation tasks: greedy answer to the chat prompt scored by the task's scorer; the gold
+  log-likelihood is that of `prompts.reference_answer` (teacher-forced).
+
+Evaluation of a population, two ways that give the same fitness:
+- `batched`: every (candidate, shot) pair is a row of one batch with its own z (the per-sample
+  factored path of SVFLinear, z of shape (B, r)): no weight rebuild at all;
+- `naive`: the reference's loop, one weight rebuild per candidate (`set_expert(mix)`), then the
+  shots.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence
+
+import torch
+
+from .dispatch import continuation_logprobs, left_padding, preserved_svf_state, set_row_z
+from .errors import UserError
+from .svf import Expert, mix_experts, set_expert
+
+MULTIPLE_CHOICE_TASKS = ("arc_easy", "arc_challenge")
+METHODS = ("batched", "naive")
+CEM_RESULT = "cem.json"
+
+
+class CEMError(UserError, ValueError):
+    """A CEM setting or input that cannot work; the message says what to change."""
+
+
+@dataclass
+class CEMConfig:
+    population: int = 32
+    elite_ratio: float = 0.2
+    generations: int = 10
+    init_std: float = 0.5
+    per_matrix: bool = False  # α per expert and matrix (K, M) instead of per expert (K,)
+    keep_best: bool = True    # member 0 of each population is the best α so far (reference: re_eval_best)
+    seed: int = 0
+
+    @property
+    def num_elites(self) -> int:
+        return max(1, int(self.elite_ratio * self.population))  # reference: int(elite_ratio * pop_size)
+
+
+@dataclass
+class Fitness:
+    """Per candidate: accuracy on the shots (P,) and mean per-token gold log-likelihood (P,)."""
+
+    accuracy: torch.Tensor
+    loglik: torch.Tensor
+
+    def order(self) -> list[int]:
+        """Candidates best first: accuracy, then log-likelihood, then index (stable)."""
+        acc, ll = self.accuracy.tolist(), [(-math.inf if math.isnan(v) else v) for v in self.loglik.tolist()]
+        return sorted(range(len(acc)), key=lambda i: (-acc[i], -ll[i], i))
+
+
+# ---------------------------------------------------------------- the search
+
+class CEM:
+    """Ask/tell Cross-Entropy Method over α in [0, 1]^shape; shape[0] = K experts."""
+
+    def __init__(self, shape: Sequence[int], config: CEMConfig):
+        if config.population < 2:
+            raise CEMError("cem.population must be at least 2")
+        self.shape, self.config = tuple(shape), config
+        dim = math.prod(self.shape)
+        self.mean = torch.full((dim,), 1.0 / self.shape[0])
+        self.std = torch.full((dim,), float(config.init_std))
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.best_alpha: Optional[torch.Tensor] = None
+        self.best_key: tuple[float, float] = (-math.inf, -math.inf)
+        self.history: list[dict] = []
+
+    def ask(self) -> torch.Tensor:
+        """The next population, (P, *shape), clamped to [0, 1]."""
+        P = self.config.population
+        x = self.mean + self.std * torch.randn((P, self.mean.numel()), generator=self.generator)
+        x = x.clamp(0.0, 1.0)
+        if self.config.keep_best and self.best_alpha is not None:
+            x[0] = self.best_alpha.flatten()
+        return x.view(P, *self.shape)
+
+    def tell(self, alphas: torch.Tensor, fitness: Fitness, seconds: float = 0.0) -> dict:
+        """Update mean/std from the elites and the best so far; returns this generation's record."""
+        P = alphas.shape[0]
+        flat = alphas.reshape(P, -1).float()
+        order = fitness.order()
+        elite = flat[order[:self.config.num_elites]]
+        self.mean = elite.mean(0)
+        self.std = elite.std(0, correction=1) if len(elite) > 1 else torch.zeros_like(self.mean)
+        b = order[0]
+        key = (float(fitness.accuracy[b]), float(fitness.loglik[b]))
+        if key > self.best_key:
+            self.best_key, self.best_alpha = key, flat[b].view(self.shape).clone()
+        record = {
+            "generation": len(self.history), "best_accuracy": key[0], "best_loglik": round(key[1], 5),
+            "mean_accuracy": float(fitness.accuracy.float().mean()),
+            "elite_accuracy": float(fitness.accuracy[order[:self.config.num_elites]].float().mean()),
+            "best_so_far_accuracy": self.best_key[0], "best_so_far_loglik": round(self.best_key[1], 5),
+            "mean_alpha": self.mean.view(self.shape).reshape(self.shape[0], -1).mean(1).tolist(),
+            "mean_std": float(self.std.mean()), "seconds": round(seconds, 4)}
+        self.history.append(record)
+        return record
+
+
+def cem_search(evaluate: Callable[[torch.Tensor], Fitness], shape: Sequence[int], config: CEMConfig,
+               progress: Optional[Callable[[dict], None]] = None) -> CEM:
+    """Run `config.generations` generations of CEM with `evaluate(alphas (P, *shape)) -> Fitness`."""
+    cem = CEM(shape, config)
+    for _ in range(config.generations):
+        alphas = cem.ask()
+        t = time.perf_counter()
+        fitness = evaluate(alphas)
+        record = cem.tell(alphas, fitness, time.perf_counter() - t)
+        if progress:
+            progress(record)
+    return cem
+
+
+# ---------------------------------------------------------------- α → z
+
+def alpha_shape(experts: Sequence[Expert], per_matrix: bool) -> tuple[int, ...]:
+    return (len(experts), len(experts[0].vectors)) if per_matrix else (len(experts),)
+
+
+def population_z(experts: Sequence[Expert], alphas: torch.Tensor) -> dict[str, torch.Tensor]:
+    """z' per candidate for every module: {name: (P, r)}, the same mix as `mix_experts` row by row."""
+    names = list(experts[0].vectors)
+    K = len(experts)
+    alphas = torch.as_tensor(alphas, dtype=torch.float32)
+    if alphas.dim() == 2 and alphas.shape[1] == K:  # (P, K): one weight per expert
+        alphas = alphas[:, :, None].expand(-1, K, len(names))
+    if alphas.dim() != 3 or alphas.shape[1:] != (K, len(names)):
+        raise CEMError(f"alphas must be (P, {K}) or (P, {K}, {len(names)}), got {tuple(alphas.shape)}")
+    out = {}
+    for j, name in enumerate(names):
+        z = torch.zeros(alphas.shape[0], experts[0].vectors[name].numel())
+        for k in range(K):  # same summation order as mix_experts
+            z = z + alphas[:, k, j, None] * experts[k].vectors[name].float()[None]
+        out[name] = z
+    return out
+
+
+# ---------------------------------------------------------------- fitness on the shots
+
+def draw_shots(docs: Sequence[dict], k: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """k seeded shots and the remaining docs (evaluate on the rest: the shots never count)."""
+    import random
+
+    if k > len(docs):
+        raise CEMError(f"{k} shots asked from {len(docs)} docs")
+    idx = set(random.Random(seed).sample(range(len(docs)), k))
+    return [docs[i] for i in sorted(idx)], [d for i, d in enumerate(docs) if i not in idx]
+
+
+def _mc_items(task: str, shots: Sequence[dict]) -> tuple[list[list[str]], list[int]]:
+    from .scoring import arc_letters
+
+    options, gold = [], []
+    for doc in shots:
+        letters = arc_letters(doc)
+        options.append([f"The answer is ({letter}" for letter in letters])
+        gold.append(doc["choices"]["label"].index(doc["answerKey"]))
+    return options, gold
+
+
+def _mc_rows(model, tokenizer, prompts, options, gold, batch_size, group_z=None, row_group=None
+             ) -> tuple[list[bool], list[float]]:
+    scores = continuation_logprobs(model, tokenizer, prompts, options, batch_size=batch_size, group_z=group_z,
+                                   row_group=row_group)
+    correct, ll = [], []
+    for lp, n, g in zip(scores.logprob, scores.tokens, gold):
+        correct.append(max(range(len(lp)), key=lp.__getitem__) == g)
+        ll.append(lp[g] / n[g])
+    return correct, ll
+
+
+def _gold_ll(model, tokenizer, prompts, answers, batch_size, group_z=None, row_group=None) -> list[float]:
+    scores = continuation_logprobs(model, tokenizer, prompts, [[a] for a in answers], batch_size=batch_size,
+                                   group_z=group_z, row_group=row_group)
+    return [lp[0] / n[0] for lp, n in zip(scores.logprob, scores.tokens)]
+
+
+def _generate_rows(model, tokenizer, prompts, max_new_tokens, batch_size, group_z, row_group) -> list[str]:
+    from .generation import rollout
+
+    texts: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        set_row_z(model, group_z, row_group[start:start + batch_size])
+        texts += rollout(model, tokenizer, prompts[start:start + batch_size], max_new_tokens=max_new_tokens).texts
+    return texts
+
+
+@torch.no_grad()
+def population_fitness(model, tokenizer, experts: Sequence[Expert], task: str, shots: Sequence[dict],
+                       alphas: torch.Tensor, *, method: str = "batched", batch_size: int = 16,
+                       max_new_tokens: int = 128) -> Fitness:
+    """Fitness of each α in `alphas` (P, K) or (P, K, M) on the shots; the model's SVF state is restored.
+
+    `batched`: rows are (shot, candidate) pairs, shot-major, `batch_size` rows per forward, one
+    z per row. `naive`: one weight rebuild per candidate, then its shots in batches.
+    """
+    from .generation import chat_prompts, generate_texts
+    from .prompts import reference_answer
+    from .scoring import score_batch
+
+    if method not in METHODS:
+        raise CEMError(f"method must be one of {METHODS}, got {method!r}")
+    if not shots:
+        raise CEMError("no shots to evaluate the candidates on")
+    P, k = alphas.shape[0], len(shots)
+    prompts = chat_prompts(tokenizer, task, shots)
+    mc = task in MULTIPLE_CHOICE_TASKS
+    if mc:
+        options, gold = _mc_items(task, shots)
+    else:
+        answers = [reference_answer(task, d) for d in shots]
+    correct = torch.zeros(P, k)
+    ll = torch.zeros(P, k)
+    with preserved_svf_state(model), left_padding(tokenizer):
+        if method == "batched":
+            device = next(model.parameters()).device
+            zpop = {n: z.to(device) for n, z in population_z(experts, alphas).items()}
+            row_group = torch.arange(P).repeat(k)  # row s*P + p runs candidate p on shot s
+            rows_prompts = [p for p in prompts for _ in range(P)]
+            if mc:
+                c, l = _mc_rows(model, tokenizer, rows_prompts, [o for o in options for _ in range(P)],
+                                [g for g in gold for _ in range(P)], batch_size, zpop, row_group)
+            else:
+                texts = _generate_rows(model, tokenizer, rows_prompts, max_new_tokens, batch_size, zpop, row_group)
+                c = score_batch(task, [d for d in shots for _ in range(P)], texts)
+                l = _gold_ll(model, tokenizer, rows_prompts, [a for a in answers for _ in range(P)], batch_size,
+                             zpop, row_group)
+            correct = torch.tensor(c, dtype=torch.float32).view(k, P).T
+            ll = torch.tensor(l, dtype=torch.float32).view(k, P).T
+        else:
+            for p in range(P):
+                set_expert(model, mix_experts(experts, alphas[p]))  # the rebuild the batched path avoids
+                if mc:
+                    c, l = _mc_rows(model, tokenizer, prompts, options, gold, batch_size)
+                else:
+                    texts = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                           batch_size=batch_size)
+                    c = score_batch(task, list(shots), texts)
+                    l = _gold_ll(model, tokenizer, prompts, answers, batch_size)
+                correct[p] = torch.tensor(c, dtype=torch.float32)
+                ll[p] = torch.tensor(l, dtype=torch.float32)
+    return Fitness(correct.mean(1), ll.mean(1))
+
+
+# ---------------------------------------------------------------- few-shot adaptation
+
+@dataclass
+class CEMResult:
+    alpha: list  # (K,) or (K, M), nested lists
+    keys: list[str]  # expert names in α's order
+    accuracy: float
+    loglik: float
+    history: list[dict] = field(default_factory=list)
+    task: str = ""
+    shots: int = 0
+    seconds: float = 0.0
+    config: dict = field(default_factory=dict)
+    method: str = "batched"
+
+    def mixed(self, experts: Mapping[str, Expert]) -> Expert:
+        missing = sorted(set(self.keys) - set(experts))
+        if missing:
+            raise CEMError(f"CEM result mixes experts {missing} that were not given (have {sorted(experts)})")
+        expert = mix_experts([experts[k] for k in self.keys], torch.tensor(self.alpha))
+        expert.provenance.update(task=self.task, strategy="few_shot", cem_accuracy=self.accuracy)
+        return expert
+
+    def save(self, path: str | Path) -> Path:
+        """Write JSON to `path` (a file, or a folder that gets cem.json), atomically."""
+        path = Path(path)
+        if path.suffix != ".json":
+            path = path / CEM_RESULT
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CEMResult":
+        path = Path(path)
+        if path.is_dir():
+            path = path / CEM_RESULT
+        if not path.is_file():
+            raise CEMError(f"{path} not found: run the few-shot CEM stage first")
+        return cls(**json.loads(path.read_text()))
+
+
+def few_shot_cem(model, tokenizer, experts: Mapping[str, Expert], task: str, shots: Sequence[dict],
+                 config: CEMConfig, *, method: str = "batched", batch_size: int = 16, max_new_tokens: int = 128,
+                 progress: Optional[Callable[[dict], None]] = None) -> CEMResult:
+    """CEM over α for the named experts (in mapping order) on the labelled `shots` of `task`."""
+    if not experts:
+        raise CEMError("few-shot CEM needs at least one expert")
+    keys = list(experts)
+    ordered = [experts[k] for k in keys]
+    t = time.perf_counter()
+
+    def evaluate(alphas: torch.Tensor) -> Fitness:
+        return population_fitness(model, tokenizer, ordered, task, shots, alphas, method=method,
+                                  batch_size=batch_size, max_new_tokens=max_new_tokens)
+
+    cem = cem_search(evaluate, alpha_shape(ordered, config.per_matrix), config, progress)
+    assert cem.best_alpha is not None
+    return CEMResult(alpha=cem.best_alpha.tolist(), keys=keys, accuracy=cem.best_key[0], loglik=cem.best_key[1],
+                     history=cem.history, task=task, shots=len(shots), seconds=round(time.perf_counter() - t, 3),
+                     config=asdict(config), method=method)
+
+
+class FewShotStrategy:
+    """`harness.AdaptationStrategy`: one mixed expert for every request.
+
+    Given `result` (a CEMResult), the mix is fixed; given `task` and `shots`, CEM runs on the
+    first call to `assign`, so its time is the first pass of the evaluation cell.
+    """
+
+    KEY = "few_shot"
+
+    def __init__(self, model, tokenizer, experts: Mapping[str, Expert], *, result: Optional[CEMResult] = None,
+                 task: Optional[str] = None, shots: Optional[Sequence[dict]] = None,
+                 config: Optional[CEMConfig] = None, method: str = "batched", batch_size: int = 16,
+                 max_new_tokens: int = 128):
+        if result is None and (task is None or not shots):
+            raise CEMError("few_shot needs a CEM result (alpha) or a task and its shots to run CEM on")
+        self.model, self.tokenizer, self.experts = model, tokenizer, dict(experts)
+        self.result, self.task, self.shots = result, task, list(shots or [])
+        self.config, self.method = config or CEMConfig(), method
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self._expert: Optional[Expert] = result.mixed(self.experts) if result is not None else None
+
+    def assign(self, requests: Sequence) -> list[str]:
+        if self._expert is None:
+            self.result = few_shot_cem(self.model, self.tokenizer, self.experts, self.task, self.shots, self.config,
+                                       method=self.method, batch_size=self.batch_size,
+                                       max_new_tokens=self.max_new_tokens)
+            self._expert = self.result.mixed(self.experts)
+        return [self.KEY] * len(requests)
+
+    def expert(self, key) -> Optional[Expert]:
+        return self._expert
+
+
+__all__ = ["CEM", "CEMConfig", "CEMError", "CEMResult", "Fitness", "FewShotStrategy", "METHODS",
+           "MULTIPLE_CHOICE_TASKS", "alpha_shape", "cem_search", "draw_shots", "few_shot_cem", "population_fitness",
+           "population_z"]

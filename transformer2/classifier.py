@@ -1,0 +1,161 @@
+"""The classification expert z_c: its data, its RL training, and dispatch accuracy.
+
+z_c is an SVF expert trained with the same REINFORCE recipe as the task experts (reward ±1
+for the right \\boxed{label}) on the pseudo-task "classify" (prompts.CLASSIFY_TASK). Its
+prompts come ONLY from the TRAINING splits of the expert tasks (GSM8K → math, MBPP → code,
+ARC-Easy → reasoning), balanced per category and drawn with a seed; its validation prompts
+from their validation splits. Never a test split, never an unseen task (the reference
+trained on GSM8K test, MBPP and ARC-Challenge test items, which leaks into the ARC-Challenge
+evaluation). There is no "other" class in the data: no expert task supplies one without
+inventing prompts.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .benchmarks import BENCHMARKS, load_split
+from .errors import UserError
+from .prompts import CATEGORIES, CLASSIFY_TASK, question_text
+
+CLASSIFIER_SOURCES = ("gsm8k", "mbpp", "arc_easy")  # the expert tasks; category from BENCHMARKS
+SPLITS = ("train", "validation")  # what classifier data may be drawn from
+
+
+class ClassifierDataError(UserError, ValueError):
+    """Classifier data asked from a split or task it must never use."""
+
+
+def classifier_docs(data_root: str | Path, split: str = "train", per_class: Optional[int] = None, seed: int = 0,
+                    sources: Sequence[str] = CLASSIFIER_SOURCES) -> list[dict]:
+    """Balanced, seeded classification docs {"question", "label", "source", "index"} from one split.
+
+    `split` is "train" (training data) or "validation" (held-out); each source task gives
+    the same number of prompts (`per_class`, capped by the smallest source), shuffled together.
+    """
+    if split not in SPLITS:
+        raise ClassifierDataError(f"classifier data comes from the {SPLITS} splits of the expert tasks only, "
+                                  f"not {split!r}")
+    bad = sorted(set(sources) - set(CLASSIFIER_SOURCES))
+    if bad:
+        raise ClassifierDataError(f"classifier sources must be expert tasks {CLASSIFIER_SOURCES}, not {bad} "
+                                  "(unseen tasks are evaluation data)")
+    pools = {task: load_split(data_root, task, split) for task in sources}
+    n = min(len(p) for p in pools.values())
+    if per_class is not None:
+        n = min(n, per_class)
+    rng = random.Random(seed)
+    docs = []
+    for task in sources:
+        for i in sorted(rng.sample(range(len(pools[task])), n)):
+            docs.append({"question": question_text(task, pools[task][i]), "label": BENCHMARKS[task].category,
+                         "source": task, "index": i})
+    rng.shuffle(docs)
+    return docs
+
+
+def train_classifier_expert(model, tokenizer, base_fingerprint: str, svf_config, train_docs: Sequence[dict],
+                            val_docs: Sequence[dict], loop, objective_cfg, run_dir, *, resume: bool = False,
+                            eval_batch_size: int = 8, init_seed: int = 0, progress=None):
+    """`rl.train_svf_expert` on the "classify" pseudo-task; returns (best Expert, TrainResult).
+
+    `model` must be SVF-patched; z_c starts from the reference init (seeded by `init_seed`).
+    """
+    import torch
+
+    from .rl import train_svf_expert
+    from .svf import Expert, init_expert
+
+    expert = init_expert(model, base_fingerprint, svf_config, torch.Generator().manual_seed(init_seed),
+                         provenance={"task": CLASSIFY_TASK})
+    result, _ = train_svf_expert(model, tokenizer, expert, CLASSIFY_TASK, train_docs, val_docs, loop, objective_cfg,
+                                 run_dir, resume=resume, eval_batch_size=eval_batch_size, run_id="classifier",
+                                 progress=progress)
+    best = Expert({k: v.clone() for k, v in result.best_state.items()}, base_fingerprint, svf_config,
+                  {"task": CLASSIFY_TASK, "best_step": result.best_step,
+                   "best_val_accuracy": result.best_val_accuracy, "base_val_accuracy": result.base_val_accuracy,
+                   "train_docs": len(train_docs), "sources": sorted({d.get("source", "?") for d in train_docs})})
+    return best, result
+
+
+# ---------------------------------------------------------------- dispatch accuracy
+
+def dispatch_confusion(pred: Sequence[Optional[str]], true: Sequence[str],
+                       labels: Sequence[str] = CATEGORIES) -> np.ndarray:
+    """Counts, rows = true category, columns = predicted (None / unknown counts as "other")."""
+    if len(pred) != len(true):
+        raise ValueError(f"{len(pred)} predictions but {len(true)} labels")
+    pos = {c: i for i, c in enumerate(labels)}
+    m = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    for p, t in zip(pred, true):
+        m[pos[t], pos.get(p or "other", pos["other"])] += 1
+    return m
+
+
+def dispatch_metrics(matrix: np.ndarray, labels: Sequence[str] = CATEGORIES) -> dict:
+    """Accuracy and per-category recall / precision of a confusion matrix (rows true)."""
+    total = int(matrix.sum())
+    out: dict = {"n": total, "accuracy": float(np.trace(matrix) / total) if total else 0.0}
+    for i, c in enumerate(labels):
+        support, predicted = int(matrix[i].sum()), int(matrix[:, i].sum())
+        if support:
+            out[f"recall_{c}"] = float(matrix[i, i] / support)
+        if predicted:
+            out[f"precision_{c}"] = float(matrix[i, i] / predicted)
+    return out
+
+
+def plot_confusion(matrix: np.ndarray, path: str | Path, labels: Sequence[str] = CATEGORIES,
+                   title: str = "dispatch") -> Path:
+    """Write the confusion matrix as a PNG heat map with counts (rows true, columns predicted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(4.2, 3.8), dpi=120)
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=30)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    acc = np.trace(matrix) / max(1, matrix.sum())
+    ax.set_title(f"{title} (accuracy {acc:.2f})")
+    hi = matrix.max() if matrix.size else 0
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center",
+                    color="white" if hi and matrix[i, j] > hi / 2 else "black")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def evaluate_dispatch(model, tokenizer, docs: Sequence[dict], *, mode: str = "loglik", classifier=None,
+                      batch_size: int = 8, max_new_tokens: int = 32) -> dict:
+    """Classify held-out classifier docs: {"pred", "true", "confusion", "metrics", "seconds"}."""
+    import time
+
+    from .dispatch import classify
+
+    t = time.perf_counter()
+    pred = classify(model, tokenizer, [d["question"] for d in docs], mode=mode, batch_size=batch_size,
+                    max_new_tokens=max_new_tokens, classifier=classifier)
+    seconds = time.perf_counter() - t
+    true = [d["label"] for d in docs]
+    matrix = dispatch_confusion(pred, true)
+    return {"pred": pred, "true": true, "confusion": matrix.tolist(), "labels": list(CATEGORIES),
+            "metrics": {**dispatch_metrics(matrix), "seconds": round(seconds, 3), "mode": mode,
+                        "classifier": classifier is not None}}
+
+
+__all__ = ["CLASSIFIER_SOURCES", "ClassifierDataError", "classifier_docs", "dispatch_confusion", "dispatch_metrics",
+           "evaluate_dispatch", "plot_confusion", "train_classifier_expert"]
