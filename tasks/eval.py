@@ -44,12 +44,14 @@ def evaluate_cell_task(params: Params, kind: str, task_name: str, model_dir: str
         out_path = Path(out_dir)
         write_json(out_path / "results.json", {"results": out["results"], "adaptation": out["adaptation"],
                                                "n_samples": out["n_samples"]})
+        n_docs = 0
         with open(out_path / "samples.jsonl", "w") as f:
             for sub, rows in out["samples"].items():
+                n_docs += len({row.get("doc_id") for row in rows})
                 for row in rows:
                     f.write(json.dumps({"task": sub, **row}, default=str) + "\n")
         metrics = {"kind": kind, "task": task_name, "lm_eval_task": out["task"], "style": ev.style,
-                   "limit": ev.limit, "metric": out["headline"]["metric"], "value": out["headline"]["value"],
+                   "limit": ev.limit, "n_docs": n_docs, "metric": out["headline"]["metric"], "value": out["headline"]["value"],
                    "metrics": out["metrics"], **resource_metrics(t["seconds"])}
         record_metrics(metrics_path, metrics)
         log.info(f"{kind} on {task_name}: {out['headline']['metric']} = {out['headline']['value']:.4f}")

@@ -1,0 +1,85 @@
+"""Paper-style tables from the evaluation cells: Table 1 (training tasks: base / LoRA / SVF) and
+Table 2 (unseen tasks: base → adaptation strategies), as Markdown and a bar chart.
+
+Each cell is the headline metric of one `metrics/eval_<kind>_<task>.json` (in %, with the number
+of test docs it is based on); a cell that has not run is shown as "–", never guessed.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+from .config import TRAIN_TASKS, UNSEEN_TASKS
+
+Cells = dict[tuple[str, str], dict]  # (kind, task) -> the cell's metrics file content
+
+TABLE1_KINDS = ("base", "lora", "svf")
+TABLE2_KINDS = ("base", "prompt", "classifier", "few_shot")
+KIND_TITLES = {"base": "base", "lora": "LoRA", "svf": "SVF", "prompt": "prompt", "classifier": "classifier",
+               "few_shot": "few-shot"}
+TASK_TITLES = {"gsm8k": "GSM8K", "mbpp": "MBPP", "arc_easy": "ARC-Easy", "math": "MATH", "humaneval": "HumanEval",
+               "arc_challenge": "ARC-Challenge"}
+
+
+def read_cells(metrics_dir: str | Path) -> Cells:
+    cells: Cells = {}
+    for path in sorted(Path(metrics_dir).glob("eval_*.json")):
+        cell = json.loads(path.read_text())
+        cells[(cell["kind"], cell["task"])] = cell
+    return cells
+
+
+def _fmt(cell: Optional[dict]) -> str:
+    if cell is None:
+        return "–"
+    n = cell.get("n_docs")
+    return f"{100 * cell['value']:.2f}" + (f" (n={n})" if n else "")
+
+
+def table(cells: Cells, kinds: Sequence[str], tasks: Sequence[str], title: str) -> str:
+    """One Markdown table: a row per task, a column per model kind; metric named per row."""
+    head = "| task | metric | " + " | ".join(KIND_TITLES.get(k, k) for k in kinds) + " |"
+    rows = [f"### {title}", "", head, "|" + "---|" * (len(kinds) + 2)]
+    for task in tasks:
+        row = [cells.get((k, task)) for k in kinds]
+        metric = next((c["metric"] for c in row if c), "–")
+        rows.append(f"| {TASK_TITLES.get(task, task)} | {metric} | " + " | ".join(_fmt(c) for c in row) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def build_report(cells: Cells, notes: Mapping[str, str] | None = None) -> str:
+    parts = ["# Results", "",
+             "Accuracy in % from lm-evaluation-harness (`metrics/eval_<kind>_<task>.json`); n = test docs "
+             "evaluated (a limit below the full test set is a CPU profile, not a paper number).", "",
+             table(cells, TABLE1_KINDS, TRAIN_TASKS, "Table 1 — training tasks (base / LoRA / SVF expert)"),
+             table(cells, TABLE2_KINDS, UNSEEN_TASKS,
+                   "Table 2 — unseen tasks (base → prompt dispatch / classifier expert / few-shot CEM)")]
+    for key, text in (notes or {}).items():
+        parts += [f"**{key}.** {text}", ""]
+    return "\n".join(parts)
+
+
+def plot_cells(cells: Cells, path: str | Path) -> None:
+    """Grouped bars per task for every kind that has a cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in TRAIN_TASKS + UNSEEN_TASKS if any(task == t for _, task in cells)]
+    kinds = [k for k in TABLE1_KINDS + TABLE2_KINDS[1:] if any(kind == k for kind, _ in cells)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks)), 3.6))
+    width = 0.8 / max(1, len(kinds))
+    for i, kind in enumerate(kinds):
+        xs = [j + i * width for j, t in enumerate(tasks) if (kind, t) in cells]
+        ys = [100 * cells[(kind, t)]["value"] for t in tasks if (kind, t) in cells]
+        ax.bar(xs, ys, width, label=KIND_TITLES.get(kind, kind))
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], [TASK_TITLES.get(t, t) for t in tasks])
+    ax.set_ylabel("accuracy (%)")
+    ax.legend(fontsize=8)
+    ax.set_title("transformer2: base vs adapted, per task")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
