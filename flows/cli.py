@@ -23,6 +23,7 @@ STAGE_HELP = {
     "model": "resolve model.name, convert built-ins/GGUF once, record the base fingerprint",
     "data": "write the train/validation/test splits of every task in data.tasks",
     "decompose": "thin SVD of every svf.targets matrix (resumable)",
+    "report": "Table-1/Table-2-style results (reports/results.md, plots/results.png) from every eval cell",
 }
 
 
@@ -34,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=text, description=text)
         s.add_argument("--params", default="params.yaml", help="config file (default: params.yaml)")
     s = sub.add_parser("train-expert", help="train one SVF expert with REINFORCE (stage `expert`)")
+    s.add_argument("--task", required=True, help="training task, e.g. gsm8k, mbpp, arc_easy")
+    s.add_argument("--params", default="params.yaml")
+    s.add_argument("--resume", action="store_true",
+                   help="continue from the run's checkpoint if one of the same config exists")
+    s = sub.add_parser("train-lora", help="train one LoRA baseline with PEFT (stage `lora`)")
     s.add_argument("--task", required=True, help="training task, e.g. gsm8k, mbpp, arc_easy")
     s.add_argument("--params", default="params.yaml")
     s.add_argument("--resume", action="store_true",
@@ -104,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.task not in params.rl.tasks:
                 return _fail(f"--task {args.task!r} is not in rl.tasks {params.rl.tasks}")
             expert_flow(task=args.task, params_path=args.params, resume=args.resume)
+        elif args.command == "train-lora":
+            from .stages import lora_flow
+
+            if args.task not in params.lora.tasks:
+                return _fail(f"--task {args.task!r} is not in lora.tasks {params.lora.tasks}")
+            lora_flow(task=args.task, params_path=args.params, resume=args.resume)
         elif args.command == "eval":
             from .stages import eval_flow
 

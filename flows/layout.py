@@ -11,6 +11,7 @@ EVAL_DIR = ARTIFACTS / "eval"
 CHECKPOINTS_DIR = ARTIFACTS / "checkpoints"  # resumable training state; not a DVC output
 METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")
+REPORTS_DIR = Path("reports")
 PARAMS = Path("params.yaml")
 
 

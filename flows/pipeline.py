@@ -16,10 +16,10 @@ from prefect.cache_policies import NO_CACHE
 from transformer2.config import load_params
 
 from . import layout
-from .stages import STAGES, eval_flow, expert_args, expert_flow
+from .stages import STAGES, eval_flow, expert_args, expert_flow, lora_flow
 
 # DAG order; must agree with dvc.yaml (tests/test_pipeline.py checks it does).
-STAGE_ORDER = ("model", "data", "decompose", "expert", "eval-base", "eval-svf")
+STAGE_ORDER = ("model", "data", "decompose", "expert", "lora", "eval-base", "eval-svf", "eval-lora", "report")
 
 
 @task(name="dvc-repro", cache_policy=NO_CACHE)
@@ -48,10 +48,13 @@ def pipeline_flow(params_path: str = str(layout.PARAMS), use_dvc: bool = True, p
             else:
                 for task in params.rl.tasks:
                     expert_flow(task=task, params_path=params_path, resume=True)
+        elif stage == "lora":
+            for task in load_params(params_path).lora.tasks:
+                lora_flow(task=task, params_path=params_path, resume=True)
         elif stage.startswith("eval-"):
             params = load_params(params_path)
             kind = stage.removeprefix("eval-")
-            for task in params.eval.tasks if kind == "base" else params.rl.tasks:
+            for task in {"base": params.eval.tasks, "svf": params.rl.tasks, "lora": params.lora.tasks}[kind]:
                 eval_flow(kind=kind, task=task, params_path=params_path)
         else:
             STAGES[stage](params_path=params_path)

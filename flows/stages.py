@@ -46,6 +46,21 @@ def expert_flow(task: str, params_path: str = str(layout.PARAMS), resume: bool =
     return train_expert_task(load_params(params_path), resume=resume, **expert_args(task))
 
 
+def lora_args(task: str) -> dict:
+    """Where the LoRA baseline of `task` reads and writes (mirrors dvc.yaml's lora stage)."""
+    return dict(task_name=task, model_dir=str(layout.MODEL_DIR), data_dir=str(layout.DATA_DIR),
+                out_dir=str(layout.LORA_DIR / task), run_dir=str(layout.CHECKPOINTS_DIR / f"lora_{task}"),
+                metrics_path=str(layout.metrics_file(f"lora_{task}")),
+                curve_path=str(layout.PLOTS_DIR / f"lora_{task}.csv"))
+
+
+@flow(name="lora", flow_run_name="lora-{task}")
+def lora_flow(task: str, params_path: str = str(layout.PARAMS), resume: bool = False) -> dict:
+    from tasks.lora import train_lora_task
+
+    return train_lora_task(load_params(params_path), resume=resume, **lora_args(task))
+
+
 @flow(name="eval", flow_run_name="eval-{kind}-{task}")
 def eval_flow(kind: str, task: str, params_path: str = str(layout.PARAMS)) -> dict:
     from tasks.eval import evaluate_cell_task
@@ -56,4 +71,12 @@ def eval_flow(kind: str, task: str, params_path: str = str(layout.PARAMS)) -> di
                               str(layout.EVAL_DIR / f"{kind}_{task}"), str(layout.metrics_file(f"eval_{kind}_{task}")))
 
 
-STAGES = {"model": model_flow, "data": data_flow, "decompose": decompose_flow}
+@flow(name="report")
+def report_flow(params_path: str = str(layout.PARAMS)) -> dict:
+    from tasks.report import report_task
+
+    return report_task(load_params(params_path), str(layout.METRICS_DIR), str(layout.REPORTS_DIR / "results.md"),
+                       str(layout.PLOTS_DIR / "results.png"))
+
+
+STAGES = {"model": model_flow, "data": data_flow, "decompose": decompose_flow, "report": report_flow}

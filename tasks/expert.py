@@ -8,18 +8,20 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
+from transformer2.adapters import SVFAdapter
 from transformer2.benchmarks import load_split
 from transformer2.config import Params, RLParams
 from transformer2.models import load_patched
 from transformer2.rl import RLObjectiveConfig, train_svf_expert
 from transformer2.runtime import resource_metrics, timed
+from transformer2.sft import NextTokenConfig, train_next_token
 from transformer2.svf import SVFConfig, init_expert
 from transformer2.training import LoopConfig
 
 from .tracking import record_metrics, stage_run, write_json
 
-CURVE_FIELDS = ("step", "reward", "accuracy", "kl", "grad_norm", "val_accuracy", "rollout_tokens_per_s",
-                "seconds_rollout", "seconds_logprob", "seconds_backward")
+CURVE_FIELDS = ("step", "reward", "accuracy", "kl", "loss", "grad_norm", "val_accuracy", "rollout_tokens_per_s",
+                "seconds_rollout", "seconds_logprob", "seconds_forward", "seconds_backward")
 
 
 def loop_config(rl: RLParams, seed: int) -> LoopConfig:
@@ -40,45 +42,65 @@ def write_curve(path: str | Path, history: list[dict]) -> None:
             writer.writerow({k: row.get(k, "") for k in CURVE_FIELDS})
 
 
+def progress_logger(desc: str, steps: int):
+    """A terminal progress bar plus per-step MLflow metrics; returns (callback, bar)."""
+    import mlflow
+
+    bar = tqdm(total=steps, desc=desc, unit="step")
+
+    def progress(m: dict) -> None:
+        bar.n = m["step"]
+        shown = {k: f"{m[k]:+.3f}" for k in ("reward", "loss") if k in m}
+        if "val_accuracy" in m:
+            shown["val"] = f"{m['val_accuracy']:.3f}"
+        bar.set_postfix(**shown)
+        bar.refresh()
+        mlflow.log_metrics({k: float(v) for k, v in m.items() if k != "step" and isinstance(v, (int, float))},
+                           step=m["step"])
+
+    return progress, bar
+
+
 @task(name="train-expert", cache_policy=NO_CACHE)
 def train_expert_task(params: Params, task_name: str, model_dir: str, svd_dir: str, data_dir: str, out_dir: str,
                       run_dir: str, metrics_path: str, curve_path: str, resume: bool = False) -> dict:
-    """REINFORCE one SVF expert on `task_name`; keeps the best expert by validation accuracy."""
+    """Train one SVF expert on `task_name` with `rl.objective` (REINFORCE, or next-token for the
+    Table-4 ablation); keeps the best expert by validation accuracy."""
     import mlflow
 
     log = get_run_logger()
     rl = params.rl.for_task(task_name)
     svf = SVFConfig(**params.svf.model_dump())
-    with stage_run(params, "expert", sections=("svf", "rl"), task=task_name, kind="svf") as run:
+    with stage_run(params, "expert", sections=("svf", "rl"), task=task_name, kind="svf",
+                   objective=rl.objective) as run:
         with timed() as t:
             model, tokenizer, info = load_patched(model_dir, svd_dir, svf, dtype=params.model.dtype,
                                                   device=params.model.device)
             expert = init_expert(model, info.fingerprint, svf, torch.Generator().manual_seed(params.seed),
-                                 provenance={"task": task_name, "objective": "reinforce", "base": info.name})
+                                 provenance={"task": task_name, "objective": rl.objective, "base": info.name})
             train = load_split(data_dir, task_name, "train")
             val = load_split(data_dir, task_name, "validation")[: rl.val_size]
             mlflow.log_params({"svf_parameters": expert.num_parameters, "train_docs": len(train),
                                "val_docs": len(val)})
-            bar = tqdm(total=rl.steps, desc=f"expert {task_name}", unit="step")
-
-            def progress(m: dict) -> None:
-                bar.n = m["step"]
-                bar.set_postfix(reward=f"{m['reward']:+.2f}", **({"val": f"{m['val_accuracy']:.3f}"}
-                                                                  if "val_accuracy" in m else {}))
-                bar.refresh()
-                mlflow.log_metrics({k: float(v) for k, v in m.items() if k != "step"}, step=m["step"])
-
-            objective = RLObjectiveConfig(kl_coef=rl.kl_coef, max_new_tokens=rl.max_new_tokens,
-                                          do_sample=rl.do_sample, temperature=rl.temperature,
-                                          micro_batch_size=rl.micro_batch_size)
-            result, adapter = train_svf_expert(model, tokenizer, expert, task_name, train, val,
-                                               loop_config(rl, params.seed), objective, run_dir, resume=resume,
-                                               eval_batch_size=rl.eval_batch_size, progress=progress)
+            progress, bar = progress_logger(f"expert {task_name}", rl.steps)
+            if rl.objective == "reinforce":
+                objective = RLObjectiveConfig(kl_coef=rl.kl_coef, max_new_tokens=rl.max_new_tokens,
+                                              do_sample=rl.do_sample, temperature=rl.temperature,
+                                              micro_batch_size=rl.micro_batch_size)
+                result, adapter = train_svf_expert(model, tokenizer, expert, task_name, train, val,
+                                                   loop_config(rl, params.seed), objective, run_dir, resume=resume,
+                                                   eval_batch_size=rl.eval_batch_size, progress=progress)
+            else:
+                result, adapter = train_next_token(
+                    model, tokenizer, SVFAdapter(model, expert), task_name, train, val, loop_config(rl, params.seed),
+                    NextTokenConfig(micro_batch_size=rl.micro_batch_size), run_dir, resume=resume,
+                    max_new_tokens=rl.max_new_tokens, eval_batch_size=rl.eval_batch_size,
+                    run_id=f"{info.fingerprint}|{svf}", progress=progress)
             bar.close()
             adapter.load_state(result.best_state)
             adapter.save(out_dir, {"best_step": result.best_step, "best_val_accuracy": result.best_val_accuracy,
                                    "mlflow_run_id": run.info.run_id})
-        metrics = {"task": task_name, "base_val_accuracy": result.base_val_accuracy,
+        metrics = {"task": task_name, "objective": rl.objective, "base_val_accuracy": result.base_val_accuracy,
                    "best_val_accuracy": result.best_val_accuracy, "best_step": result.best_step,
                    "steps": rl.steps, "val_docs": len(val), "svf_parameters": expert.num_parameters,
                    "resumed_from_step": result.resumed_from, **resource_metrics(t["seconds"])}

@@ -75,7 +75,10 @@ def test_dvc_repro_runs_every_stage(project):
         assert cell["kind"] == kind and cell["task"] == task and 0 <= cell["value"] <= 1
         assert (root / f"artifacts/eval/{kind}_{task}/results.json").is_file()
         samples = (root / f"artifacts/eval/{kind}_{task}/samples.jsonl").read_text().splitlines()
-        assert len({json.loads(line)["doc_id"] for line in samples}) == 2
+        assert len({json.loads(line)["doc_id"] for line in samples}) == 2 == cell["n_docs"]
+    report = (root / "reports/results.md").read_text()
+    assert "| GSM8K |" in report and "(n=2)" in report
+    assert (root / "plots/results.png").is_file()
 
 
 def test_second_repro_does_nothing(project):
@@ -117,7 +120,7 @@ def test_mlflow_has_a_run_per_stage(project):
               "print(sorted(runs['tags.stage'].tolist()))")
     proc = _run([sys.executable, "-c", script], root, env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == str(sorted(["data", "decompose", "expert", "model"] + ["eval"] * 3))
+    assert proc.stdout.strip().splitlines()[-1] == str(sorted(["data", "decompose", "expert", "model", "report"] + ["eval"] * 3))
 
 
 def test_bad_params_fail_fast_with_the_key(project, tmp_path):

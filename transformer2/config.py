@@ -110,10 +110,12 @@ class PerTaskSection(Section):
 
 
 class RLParams(PerTaskSection):
-    """REINFORCE expert training. Defaults are the CPU profile: each expert of the built-in
+    """SVF expert training: REINFORCE (objective: reinforce, the paper's method) or next-token
+    prediction on the reference answers (objective: next_token, the Table-4 ablation). Defaults are the CPU profile: each expert of the built-in
     SmolLM2-135M trains in ~15 min on 2 cores (paper profile: 256 prompts/step, ~200 steps,
     512 new tokens, validation every 10 steps)."""
 
+    objective: Literal["reinforce", "next_token"] = "reinforce"
     steps: int = Field(default=8, ge=1)
     batch_size: int = Field(default=8, ge=1)
     micro_batch_size: int = Field(default=8, ge=1)
@@ -134,11 +136,30 @@ class RLParams(PerTaskSection):
 
 
 
-class LoRAParams(Section):
+class LoRAParams(PerTaskSection):
+    """The paper's LoRA baseline: PEFT LoRA on q/v, rank 16, alpha 32, dropout 0.05, trained with
+    next-token prediction on the same training split as the SVF expert, validated the same way
+    (rl.max_new_tokens, rl.val_size, same scorers). objective: reinforce is the Table-4 ablation
+    "LoRA + policy gradient" (it then also uses rl.kl_coef, rl.do_sample, rl.temperature)."""
+
     rank: int = Field(default=16, ge=1)
     alpha: int = Field(default=32, ge=1)
     dropout: float = Field(default=0.05, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    objective: Literal["next_token", "reinforce"] = "next_token"
+    steps: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    micro_batch_size: int = Field(default=8, ge=1)
+    lr: float = Field(default=5e-4, gt=0)
+    optimizer: Literal["adam", "adamw"] = "adamw"
+    weight_decay: float = Field(default=0.0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    eval_every: int = Field(default=4, ge=1)
+    checkpoint_every: int = Field(default=1, ge=1)
+    max_answer_tokens: Optional[int] = Field(default=None, ge=1)
+    """next_token: cut longer reference answers (tokens); None keeps them whole."""
 
 
 class ClassifierParams(Section):

@@ -1,0 +1,130 @@
+"""Prefect task for the LoRA baseline: PEFT LoRA (q/v, r16, α32, p0.05 by default) on one task.
+
+`lora.objective` = next_token (the paper's baseline) or reinforce (Table 4's "LoRA + policy
+gradient"; "SVF + next-token" is the expert stage with `rl.objective: next_token`). Training
+uses the library's one loop (`training.fit`) and objectives; validation is exactly the expert
+stage's (the task's `rl` max_new_tokens, val_size and eval_batch_size, same scorers); MLflow
+runs are tagged stage / task / kind / objective so they sit beside the SVF runs of the task.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Optional
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from transformer2.benchmarks import load_split
+from transformer2.config import TRAIN_TASKS, Params
+from transformer2.runtime import resource_metrics, timed
+from transformer2.training import LoopConfig
+
+from .expert import progress_logger, write_curve
+from .tracking import record_metrics, stage_run, write_json
+
+
+@dataclass
+class LoRASettings:
+    """Everything the lora stage reads from `params.lora` (config.LoRAParams), as a plain dataclass.
+
+    Validation (max_new_tokens, val_size, eval_batch_size) and the RL objective's settings
+    (kl_coef, max_new_tokens, do_sample, temperature) come from `rl.for_task(task)`, so the
+    baseline is validated, and RL-trained, exactly as the SVF expert of the same task.
+    """
+
+    tasks: list[str] = field(default_factory=lambda: list(TRAIN_TASKS))
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    objective: str = "next_token"            # next_token (paper's baseline) | reinforce (Table 4 ablation)
+    steps: int = 8
+    batch_size: int = 8
+    micro_batch_size: int = 8
+    lr: float = 5e-4
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    eval_every: int = 4
+    checkpoint_every: int = 1
+    max_answer_tokens: Optional[int] = None  # next_token: cut longer reference answers; None keeps them whole
+
+    @classmethod
+    def from_params(cls, params: Params, task: Optional[str] = None) -> "LoRASettings":
+        """params.lora (with `task`'s overrides); a field the section lacks keeps its default here."""
+        section = params.lora.for_task(task) if task and hasattr(params.lora, "for_task") else params.lora
+        return cls(**{f.name: getattr(section, f.name) for f in fields(cls) if hasattr(section, f.name)})
+
+    def loop(self, seed: int) -> LoopConfig:
+        return LoopConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer,
+                          weight_decay=self.weight_decay, lr_schedule=self.lr_schedule,
+                          warmup_steps=self.warmup_steps, grad_clip=self.grad_clip, eval_every=self.eval_every,
+                          checkpoint_every=self.checkpoint_every, seed=seed)
+
+
+def run_lora_stage(params: Params, task_name: str, model_dir: str, data_dir: str, out_dir: str, run_dir: str,
+                   metrics_path: str, curve_path: str, resume: bool = False,
+                   settings: Optional[LoRASettings] = None, log: Callable[[str], None] = print) -> dict:
+    """Train the LoRA adapter of `task_name`; saves the best one (PEFT format) in `out_dir`."""
+    import mlflow
+
+    from transformer2.lora import count_lora_parameters, lora_config, train_lora
+    from transformer2.models import load_base
+    from transformer2.rl import RLObjectiveConfig
+    from transformer2.sft import NextTokenConfig
+
+    s = settings or LoRASettings.from_params(params, task_name)
+    rl = params.rl.for_task(task_name)
+    with stage_run(params, "lora", sections=("lora", "rl"), task=task_name, kind="lora",
+                   objective=s.objective) as run:
+        with timed() as t:
+            model, tokenizer, info = load_base(model_dir, dtype=params.model.dtype, device=params.model.device)
+            cfg = lora_config(s.rank, s.alpha, s.dropout, s.target_modules)
+            train = load_split(data_dir, task_name, "train")
+            val = load_split(data_dir, task_name, "validation")[: rl.val_size]
+            mlflow.log_params({"trainable_parameters": count_lora_parameters(model, cfg), "train_docs": len(train),
+                               "val_docs": len(val)})
+            progress, bar = progress_logger(f"lora {task_name}", s.steps)
+            result, adapter = train_lora(
+                model, tokenizer, task_name, train, val, s.loop(params.seed), run_dir=run_dir,
+                objective=s.objective, lora=cfg,
+                next_token=NextTokenConfig(micro_batch_size=s.micro_batch_size,
+                                           max_answer_tokens=s.max_answer_tokens),
+                reinforce=RLObjectiveConfig(kl_coef=rl.kl_coef, max_new_tokens=rl.max_new_tokens,
+                                            do_sample=rl.do_sample, temperature=rl.temperature,
+                                            micro_batch_size=s.micro_batch_size),
+                resume=resume, max_new_tokens=rl.max_new_tokens, eval_batch_size=rl.eval_batch_size,
+                seed=params.seed, base_fingerprint=info.fingerprint, progress=progress)
+            bar.close()
+            adapter.load_state(result.best_state)
+            adapter.save(out_dir, {"task": task_name, "objective": s.objective, "base": info.name,
+                                   "base_fingerprint": info.fingerprint, "best_step": result.best_step,
+                                   "best_val_accuracy": result.best_val_accuracy,
+                                   "mlflow_run_id": run.info.run_id})
+        metrics = {"task": task_name, "kind": "lora", "objective": s.objective,
+                   "base_val_accuracy": result.base_val_accuracy, "best_val_accuracy": result.best_val_accuracy,
+                   "best_step": result.best_step, "steps": s.steps, "train_docs": len(train),
+                   "val_docs": len(val), "trainable_parameters": adapter.num_parameters,
+                   "train_seconds": result.seconds, "resumed_from_step": result.resumed_from,
+                   **resource_metrics(t["seconds"])}
+        write_json(Path(out_dir) / "validations.json", {"validations": result.validations})
+        write_curve(curve_path, result.history)
+        record_metrics(metrics_path, metrics)
+        mlflow.log_artifacts(out_dir, artifact_path="adapter")
+        mlflow.log_artifact(curve_path)
+        log(f"{task_name} (lora, {s.objective}): validation accuracy base {result.base_val_accuracy:.3f} -> "
+            f"best {result.best_val_accuracy:.3f} (step {result.best_step}), "
+            f"{adapter.num_parameters:,} trainable parameters")
+    return metrics
+
+
+@task(name="train-lora", cache_policy=NO_CACHE)
+def train_lora_task(params: Params, task_name: str, model_dir: str, data_dir: str, out_dir: str, run_dir: str,
+                    metrics_path: str, curve_path: str, resume: bool = False,
+                    settings: Optional[LoRASettings] = None) -> dict:
+    """LoRA baseline of `task_name` (objective from params.lora); keeps the best adapter by validation."""
+    return run_lora_stage(params, task_name, model_dir, data_dir, out_dir, run_dir, metrics_path, curve_path,
+                          resume=resume, settings=settings, log=get_run_logger().info)
