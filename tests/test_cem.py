@@ -21,13 +21,6 @@ GSM = [{"question": "Tom has 3 apples and buys 2 more. How many?", "answer": "3+
        {"question": "What is 10 - 4?", "answer": "10-4=6\n#### 6"}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

@@ -12,13 +12,6 @@ from transformer2.prompts import CATEGORIES, CLASSIFY_TASK, build_classify_messa
 from transformer2.scoring import score_batch
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def _doc(task, split, i):
     tag = f"{task}-{split}-{i}"

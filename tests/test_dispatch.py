@@ -14,14 +14,6 @@ QUESTIONS = ["Write a Python function that reverses a list.", "What is 17 * 3?",
              "Which gas do plants absorb?\nOptions:\nA. oxygen\nB. carbon dioxide\n", "Hi"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight a busy machine's cores)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def tiny_patched(tmp_path, seed=0):
     model, tokenizer = build_tiny_random("llama", seed=seed)

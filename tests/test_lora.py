@@ -15,14 +15,6 @@ from transformer2.training import LoopConfig
 from .test_rl import DOCS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run 10-50x faster on one thread than on two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def llama3_8b_on_meta():
     from transformers import AutoModelForCausalLM, LlamaConfig

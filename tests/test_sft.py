@@ -14,14 +14,6 @@ from transformer2.training import LoopConfig
 from .test_rl import DOCS, svf_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run 10-50x faster on one thread than on two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def lora_model(dropout=0.05, seed=0):
     model, tokenizer = build_tiny_random("llama", seed=seed)
