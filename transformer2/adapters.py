@@ -116,8 +116,15 @@ class LoRAAdapter:
         yield
 
     def save(self, folder: str | Path, provenance: dict) -> None:
+        """PEFT's own format (PeftModel.from_pretrained, lm-eval's peft=), written to a temporary
+        folder and renamed, so a crash never leaves a half-saved adapter."""
         import json
+        import shutil
 
         folder = Path(folder)
-        self.model.save_pretrained(folder)  # PEFT's own format: PeftModel.from_pretrained / lm-eval peft=
-        (folder / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp)
+        (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
