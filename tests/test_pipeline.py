@@ -13,16 +13,7 @@ from transformer2.config import parse_params
 
 from .conftest import ROOT
 
-TINY = {
-    "seed": 0,
-    "model": {"name": "builtin:tiny-random-llama"},
-    "data": {"tasks": ["gsm8k", "mbpp", "arc_easy", "math", "humaneval", "arc_challenge"], "max_rows": 6},
-    "svf": {"targets": "all"},
-    "rl": {"tasks": ["gsm8k"], "steps": 2, "batch_size": 2, "max_new_tokens": 8, "eval_every": 1,
-           "val_size": 3, "eval_batch_size": 3},
-    "eval": {"tasks": ["gsm8k", "arc_easy"], "limit": 2, "max_gen_toks": 8, "batch_size": 2},
-    "tracking": {"uri": "sqlite:///mlflow.db", "experiment": "tiny"},
-}
+TINY = yaml.safe_load((ROOT / "profiles" / "tiny.yaml").read_text())
 
 
 def _env(mirror: Path) -> dict:
@@ -41,8 +32,7 @@ def project(tmp_path_factory, mirror):
     """A fresh git + DVC project with this repo's dvc.yaml and a tiny params.yaml."""
     root = tmp_path_factory.mktemp("project")
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
-    full = parse_params(TINY).model_dump()  # DVC wants every key a stage names to be in the file
-    (root / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
+    shutil.copy(ROOT / "profiles" / "tiny.yaml", root / "params.yaml")
     env = _env(mirror)
     env["PREFECT_HOME"] = str(root / ".prefect")
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
@@ -70,7 +60,10 @@ def test_dvc_repro_runs_every_stage(project):
     curve = (root / "plots/expert_gsm8k.csv").read_text().splitlines()
     assert curve[0].startswith("step,reward") and len(curve) == 3
     assert (root / "mlflow.db").is_file()
-    for kind, task in (("base", "gsm8k"), ("base", "arc_easy"), ("svf", "gsm8k")):
+    lora = json.loads((root / "metrics/lora_gsm8k.json").read_text())
+    assert lora["kind"] == "lora" and lora["objective"] == "next_token" and lora["trainable_parameters"] > 0
+    assert (root / "artifacts/lora/gsm8k/adapter_config.json").is_file()
+    for kind, task in (("base", "gsm8k"), ("base", "arc_easy"), ("svf", "gsm8k"), ("lora", "gsm8k")):
         cell = json.loads((root / f"metrics/eval_{kind}_{task}.json").read_text())
         assert cell["kind"] == kind and cell["task"] == task and 0 <= cell["value"] <= 1
         assert (root / f"artifacts/eval/{kind}_{task}/results.json").is_file()
@@ -100,7 +93,7 @@ def test_pipeline_flow_through_dvc_skips_up_to_date_stages(project):
 
 def test_pipeline_flow_without_dvc_trains_experts_in_parallel(tmp_path, mirror):
     params = parse_params({**TINY, "rl": {**TINY["rl"], "tasks": ["gsm8k", "arc_easy"]},
-                           "eval": {**TINY["eval"], "tasks": ["arc_easy"]},
+                           "eval": {**TINY["eval"], "tasks": ["arc_easy"]}, "lora": {**TINY["lora"], "tasks": []},
                            "data": {**TINY["data"], "tasks": ["gsm8k", "arc_easy"]}})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
     env = _env(mirror)
@@ -120,7 +113,8 @@ def test_mlflow_has_a_run_per_stage(project):
               "print(sorted(runs['tags.stage'].tolist()))")
     proc = _run([sys.executable, "-c", script], root, env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == str(sorted(["data", "decompose", "expert", "model", "report"] + ["eval"] * 3))
+    stages = sorted(["data", "decompose", "expert", "lora", "model", "report"] + ["eval"] * 4)
+    assert proc.stdout.strip().splitlines()[-1] == str(stages)
 
 
 def test_bad_params_fail_fast_with_the_key(project, tmp_path):
@@ -130,6 +124,13 @@ def test_bad_params_fail_fast_with_the_key(project, tmp_path):
     proc = _run(["t2", "decompose", "--params", str(bad)], root, env, timeout=60)
     assert proc.returncode == 2
     assert "svf.targest: unknown key" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("profile", sorted(p.name for p in (ROOT / "profiles").glob("*.yaml")))
+def test_profiles_are_valid_and_complete(profile):
+    """Every profile validates and names every key (DVC needs each key a stage lists)."""
+    data = yaml.safe_load((ROOT / "profiles" / profile).read_text())
+    assert parse_params(data).model_dump() == data
 
 
 def test_pipeline_order_matches_dvc_yaml():
