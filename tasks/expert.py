@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from transformer2.adapters import SVFAdapter
 from transformer2.benchmarks import load_split
-from transformer2.config import Params, RLParams
+from transformer2.config import Params, TrainingSection
 from transformer2.models import load_patched
 from transformer2.rl import RLObjectiveConfig, train_svf_expert
 from transformer2.runtime import resource_metrics, timed
@@ -24,11 +24,10 @@ CURVE_FIELDS = ("step", "reward", "accuracy", "kl", "loss", "grad_norm", "val_ac
                 "seconds_rollout", "seconds_logprob", "seconds_forward", "seconds_backward")
 
 
-def loop_config(rl: RLParams, seed: int) -> LoopConfig:
-    return LoopConfig(steps=rl.steps, batch_size=rl.batch_size, lr=rl.lr, optimizer=rl.optimizer,
-                      weight_decay=rl.weight_decay, lr_schedule=rl.lr_schedule, warmup_steps=rl.warmup_steps,
-                      grad_clip=rl.grad_clip, eval_every=rl.eval_every, checkpoint_every=rl.checkpoint_every,
-                      seed=seed)
+def loop_config(section: TrainingSection, seed: int) -> LoopConfig:
+    """The training loop's settings from `rl.*` or `lora.*` (they share these keys)."""
+    return LoopConfig(**{name: getattr(section, name) for name in TrainingSection.model_fields
+                         if name in LoopConfig.__dataclass_fields__}, seed=seed)
 
 
 def write_curve(path: str | Path, history: list[dict]) -> None:

@@ -8,7 +8,6 @@ runs are tagged stage / task / kind / objective so they sit beside the SVF runs 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -16,58 +15,16 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from transformer2.benchmarks import load_split
-from transformer2.config import TRAIN_TASKS, Params
+from transformer2.config import LoRAParams, Params
 from transformer2.runtime import resource_metrics, timed
-from transformer2.training import LoopConfig
 
-from .expert import progress_logger, write_curve
+from .expert import loop_config, progress_logger, write_curve
 from .tracking import record_metrics, stage_run, write_json
-
-
-@dataclass
-class LoRASettings:
-    """Everything the lora stage reads from `params.lora` (config.LoRAParams), as a plain dataclass.
-
-    Validation (max_new_tokens, val_size, eval_batch_size) and the RL objective's settings
-    (kl_coef, max_new_tokens, do_sample, temperature) come from `rl.for_task(task)`, so the
-    baseline is validated, and RL-trained, exactly as the SVF expert of the same task.
-    """
-
-    tasks: list[str] = field(default_factory=lambda: list(TRAIN_TASKS))
-    rank: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    objective: str = "next_token"            # next_token (paper's baseline) | reinforce (Table 4 ablation)
-    steps: int = 8
-    batch_size: int = 8
-    micro_batch_size: int = 8
-    lr: float = 5e-4
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    lr_schedule: str = "cosine"
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    eval_every: int = 4
-    checkpoint_every: int = 1
-    max_answer_tokens: Optional[int] = None  # next_token: cut longer reference answers; None keeps them whole
-
-    @classmethod
-    def from_params(cls, params: Params, task: Optional[str] = None) -> "LoRASettings":
-        """params.lora (with `task`'s overrides); a field the section lacks keeps its default here."""
-        section = params.lora.for_task(task) if task and hasattr(params.lora, "for_task") else params.lora
-        return cls(**{f.name: getattr(section, f.name) for f in fields(cls) if hasattr(section, f.name)})
-
-    def loop(self, seed: int) -> LoopConfig:
-        return LoopConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer,
-                          weight_decay=self.weight_decay, lr_schedule=self.lr_schedule,
-                          warmup_steps=self.warmup_steps, grad_clip=self.grad_clip, eval_every=self.eval_every,
-                          checkpoint_every=self.checkpoint_every, seed=seed)
 
 
 def run_lora_stage(params: Params, task_name: str, model_dir: str, data_dir: str, out_dir: str, run_dir: str,
                    metrics_path: str, curve_path: str, resume: bool = False,
-                   settings: Optional[LoRASettings] = None, log: Callable[[str], None] = print) -> dict:
+                   settings: Optional[LoRAParams] = None, log: Callable[[str], None] = print) -> dict:
     """Train the LoRA adapter of `task_name`; saves the best one (PEFT format) in `out_dir`."""
     import mlflow
 
@@ -76,7 +33,7 @@ def run_lora_stage(params: Params, task_name: str, model_dir: str, data_dir: str
     from transformer2.rl import RLObjectiveConfig
     from transformer2.sft import NextTokenConfig
 
-    s = settings or LoRASettings.from_params(params, task_name)
+    s = settings or params.lora.for_task(task_name)
     rl = params.rl.for_task(task_name)
     with stage_run(params, "lora", sections=("lora", "rl"), task=task_name, kind="lora",
                    objective=s.objective) as run:
@@ -89,7 +46,7 @@ def run_lora_stage(params: Params, task_name: str, model_dir: str, data_dir: str
                                "val_docs": len(val)})
             progress, bar = progress_logger(f"lora {task_name}", s.steps)
             result, adapter = train_lora(
-                model, tokenizer, task_name, train, val, s.loop(params.seed), run_dir=run_dir,
+                model, tokenizer, task_name, train, val, loop_config(s, params.seed), run_dir=run_dir,
                 objective=s.objective, lora=cfg,
                 next_token=NextTokenConfig(micro_batch_size=s.micro_batch_size,
                                            max_answer_tokens=s.max_answer_tokens),
@@ -124,7 +81,7 @@ def run_lora_stage(params: Params, task_name: str, model_dir: str, data_dir: str
 @task(name="train-lora", cache_policy=NO_CACHE)
 def train_lora_task(params: Params, task_name: str, model_dir: str, data_dir: str, out_dir: str, run_dir: str,
                     metrics_path: str, curve_path: str, resume: bool = False,
-                    settings: Optional[LoRASettings] = None) -> dict:
+                    settings: Optional[LoRAParams] = None) -> dict:
     """LoRA baseline of `task_name` (objective from params.lora); keeps the best adapter by validation."""
     return run_lora_stage(params, task_name, model_dir, data_dir, out_dir, run_dir, metrics_path, curve_path,
                           resume=resume, settings=settings, log=get_run_logger().info)

@@ -97,7 +97,8 @@ def test_best_adapter_round_trips_through_peft_from_pretrained(tmp_path):
 
 
 def test_lora_stage_writes_metrics_curve_and_adapter(tmp_path, tiny_model_dir):
-    from tasks.lora import LoRASettings, run_lora_stage
+    from tasks.lora import run_lora_stage
+    from transformer2.config import LoRAParams
     from transformer2.config import parse_params
 
     for split in ("train", "validation"):
@@ -105,7 +106,7 @@ def test_lora_stage_writes_metrics_curve_and_adapter(tmp_path, tiny_model_dir):
         (tmp_path / "data" / "gsm8k" / f"{split}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS))
     params = parse_params({"tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "t"},
                            "rl": {"max_new_tokens": 4, "val_size": 2, "eval_batch_size": 2}})
-    settings = LoRASettings(steps=2, batch_size=2, eval_every=1, lr=0.01)
+    settings = LoRAParams(steps=2, batch_size=2, eval_every=1, lr=0.01)
     out = tmp_path / "out"
     metrics = run_lora_stage(params, "gsm8k", str(tiny_model_dir), str(tmp_path / "data"), str(out),
                              str(tmp_path / "run"), str(tmp_path / "metrics.json"), str(tmp_path / "curve.csv"),
@@ -127,14 +128,14 @@ def test_lora_stage_writes_metrics_curve_and_adapter(tmp_path, tiny_model_dir):
 
 
 
-def test_lora_settings_come_from_params_lora_with_task_overrides():
-    from dataclasses import fields
+def test_lora_loop_settings_come_from_params_lora_with_task_overrides():
+    from tasks.expert import loop_config
+    from transformer2.config import parse_params
 
-    from tasks.lora import LoRASettings
-    from transformer2.config import LoRAParams, parse_params
-
-    assert {f.name for f in fields(LoRASettings)} <= set(LoRAParams.model_fields)  # nothing silently defaulted
     params = parse_params({"lora": {"steps": 3, "objective": "reinforce", "overrides": {"mbpp": {"lr": 1e-3}}}})
-    s = LoRASettings.from_params(params, "mbpp")
+    s = params.lora.for_task("mbpp")
     assert (s.steps, s.objective, s.lr, s.rank) == (3, "reinforce", 1e-3, 16)
-    assert LoRASettings.from_params(params, "gsm8k").lr == params.lora.lr
+    loop = loop_config(s, seed=5)
+    assert (loop.steps, loop.lr, loop.optimizer, loop.lr_schedule, loop.grad_clip, loop.seed) == \
+        (3, 1e-3, "adamw", "cosine", 1.0, 5)
+    assert loop_config(params.rl, seed=0).optimizer == "adam" and params.lora.for_task("gsm8k").lr == 5e-4

@@ -109,13 +109,9 @@ class PerTaskSection(Section):
         return self.model_copy(update=self.overrides.get(task, {}))
 
 
-class RLParams(PerTaskSection):
-    """SVF expert training: REINFORCE (objective: reinforce, the paper's method) or next-token
-    prediction on the reference answers (objective: next_token, the Table-4 ablation). Defaults are the CPU profile: each expert of the built-in
-    SmolLM2-135M trains in ~15 min on 2 cores (paper profile: 256 prompts/step, ~200 steps,
-    512 new tokens, validation every 10 steps)."""
+class TrainingSection(PerTaskSection):
+    """The training loop's knobs (`training.LoopConfig`), shared by SVF experts and LoRA baselines."""
 
-    objective: Literal["reinforce", "next_token"] = "reinforce"
     steps: int = Field(default=8, ge=1)
     batch_size: int = Field(default=8, ge=1)
     micro_batch_size: int = Field(default=8, ge=1)
@@ -125,18 +121,27 @@ class RLParams(PerTaskSection):
     lr_schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = Field(default=0, ge=0)
     grad_clip: float = Field(default=1e-3, gt=0)
+    eval_every: int = Field(default=4, ge=1)
+    checkpoint_every: int = Field(default=1, ge=1)
+
+
+class RLParams(TrainingSection):
+    """SVF expert training: REINFORCE (objective: reinforce, the paper's method) or next-token
+    prediction on the reference answers (objective: next_token, the Table-4 ablation).
+    Defaults are the CPU profile: each expert of the built-in SmolLM2-135M trains in ~10-15 min
+    on 2 cores (paper profile: 256 prompts/step, ~200 steps, 512 new tokens, validation every 10
+    steps). Validation settings here are shared by the LoRA baseline of the same task."""
+
+    objective: Literal["reinforce", "next_token"] = "reinforce"
     kl_coef: float = Field(default=0.0, ge=0)
     max_new_tokens: int = Field(default=128, ge=1)
     do_sample: bool = False
     temperature: float = Field(default=1.0, gt=0)
-    eval_every: int = Field(default=4, ge=1)
     val_size: Optional[int] = Field(default=24, ge=1)
     eval_batch_size: int = Field(default=16, ge=1)
-    checkpoint_every: int = Field(default=1, ge=1)
 
 
-
-class LoRAParams(PerTaskSection):
+class LoRAParams(TrainingSection):
     """The paper's LoRA baseline: PEFT LoRA on q/v, rank 16, alpha 32, dropout 0.05, trained with
     next-token prediction on the same training split as the SVF expert, validated the same way
     (rl.max_new_tokens, rl.val_size, same scorers). objective: reinforce is the Table-4 ablation
@@ -147,17 +152,10 @@ class LoRAParams(PerTaskSection):
     dropout: float = Field(default=0.05, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
     objective: Literal["next_token", "reinforce"] = "next_token"
-    steps: int = Field(default=8, ge=1)
-    batch_size: int = Field(default=8, ge=1)
-    micro_batch_size: int = Field(default=8, ge=1)
     lr: float = Field(default=5e-4, gt=0)
     optimizer: Literal["adam", "adamw"] = "adamw"
-    weight_decay: float = Field(default=0.0, ge=0)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
-    warmup_steps: int = Field(default=0, ge=0)
     grad_clip: float = Field(default=1.0, gt=0)
-    eval_every: int = Field(default=4, ge=1)
-    checkpoint_every: int = Field(default=1, ge=1)
     max_answer_tokens: Optional[int] = Field(default=None, ge=1)
     """next_token: cut longer reference answers (tokens); None keeps them whole."""
 
