@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from .errors import UserError
 Progress = Optional[Callable[[str], None]]
 
 MODEL_INFO = "model.json"
+_LOAD_LOCK = threading.RLock()  # so that pipelines may train several experts in threads
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -313,8 +315,9 @@ def load_model(path: str | Path, *, dtype: str = "float32", device: str = "cpu",
     if dtype not in DTYPES:
         raise ModelError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(str(path), revision=revision, dtype=getattr(torch, dtype))
+        with _LOAD_LOCK:  # transformers' loader patches process-wide state (meta-device init)
+            tokenizer = AutoTokenizer.from_pretrained(str(path), revision=revision)
+            model = AutoModelForCausalLM.from_pretrained(str(path), revision=revision, dtype=getattr(torch, dtype))
     except OSError as err:
         raise ModelError(f"cannot load model {str(path)!r}: {err}. Offline (HF_HUB_OFFLINE=1) only local "
                          "checkpoints and built-ins work.") from None
@@ -338,7 +341,8 @@ def load_patched(model_dir: str | Path, svd_dir: str | Path, svf_config, *, dtyp
     from .svd import load_factors
     from .svf import apply_svf, find_targets
 
-    model, tokenizer, info = load_base(model_dir, dtype=dtype, device=device)
-    names = find_targets(model, svf_config.targets)
-    apply_svf(model, load_factors(svd_dir, info.fingerprint, modules=names), svf_config)
+    with _LOAD_LOCK:  # module construction must not overlap another thread's load (see load_model)
+        model, tokenizer, info = load_base(model_dir, dtype=dtype, device=device)
+        names = find_targets(model, svf_config.targets)
+        apply_svf(model, load_factors(svd_dir, info.fingerprint, modules=names), svf_config)
     return model, tokenizer, info
