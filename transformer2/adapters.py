@@ -30,7 +30,28 @@ class Adapter(Protocol):
     def save(self, folder: str | Path, provenance: dict) -> None: ...
 
 
-class SVFAdapter:
+class NamedTensorsAdapter:
+    """What every adapter shares: a dict of named trainable tensors, copied out and back in."""
+
+    tensors: dict[str, torch.Tensor]
+
+    def trainable(self) -> list[torch.Tensor]:
+        return list(self.tensors.values())
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu").clone() for k, v in self.tensors.items()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, v in self.tensors.items():
+                v.copy_(state[k])
+
+
+class SVFAdapter(NamedTensorsAdapter):
     """Trains the z vectors of an SVF-patched model; the base weights stay frozen."""
 
     kind = "svf"
@@ -38,22 +59,7 @@ class SVFAdapter:
     def __init__(self, model, expert: Expert):
         self.model = model
         self.expert = expert
-        self.live = set_expert(model, expert, trainable=True)
-
-    def trainable(self) -> list[torch.Tensor]:
-        return list(self.live.values())
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(z.numel() for z in self.live.values())
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().to("cpu").clone() for k, v in self.live.items()}
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for k, v in self.live.items():
-                v.copy_(state[k])
+        self.live = self.tensors = set_expert(model, expert, trainable=True)
 
     def _set(self, frozen: bool | None) -> None:
         for name, layer in svf_layers(self.model).items():
@@ -84,29 +90,14 @@ class SVFAdapter:
         self.to_expert(provenance).save(folder)
 
 
-class LoRAAdapter:
+class LoRAAdapter(NamedTensorsAdapter):
     """A PEFT LoRA model: the adapter's own parameters are the trainable ones."""
 
     kind = "lora"
 
     def __init__(self, peft_model):
         self.model = peft_model
-        self.params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
-
-    def trainable(self) -> list[torch.Tensor]:
-        return list(self.params.values())
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.params.values())
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().to("cpu").clone() for k, v in self.params.items()}
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for k, v in self.params.items():
-                v.copy_(state[k])
+        self.params = self.tensors = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
 
     def disabled(self):
         return self.model.disable_adapter()
