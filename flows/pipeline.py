@@ -46,15 +46,15 @@ def pipeline_flow(params_path: str = str(layout.PARAMS), use_dvc: bool = True, p
                 for future in futures:
                     future.result()
             else:
-                for task in params.rl.tasks:
-                    expert_flow(task=task, params_path=params_path, resume=True)
+                for name in params.rl.tasks:
+                    expert_flow(task=name, params_path=params_path, resume=True)
         elif stage == "lora":
-            for task in load_params(params_path).lora.tasks:
-                lora_flow(task=task, params_path=params_path, resume=True)
+            for name in load_params(params_path).lora.tasks:
+                lora_flow(task=name, params_path=params_path, resume=True)
         elif stage.startswith("eval-"):
             params = load_params(params_path)
             kind = stage.removeprefix("eval-")
-            for task in {"base": params.eval.tasks, "svf": params.rl.tasks, "lora": params.lora.tasks}[kind]:
-                eval_flow(kind=kind, task=task, params_path=params_path)
+            for name in {"base": params.eval.tasks, "svf": params.rl.tasks, "lora": params.lora.tasks}[kind]:
+                eval_flow(kind=kind, task=name, params_path=params_path)
         else:
             STAGES[stage](params_path=params_path)

@@ -60,6 +60,18 @@ def progress_logger(desc: str, steps: int):
     return progress, bar
 
 
+def record_training_run(result, metrics: dict, out_dir: str, metrics_path: str, curve_path: str,
+                        artifact_path: str) -> None:
+    """A finished run's validations, curve (for `dvc plots`), metrics file and MLflow artifacts."""
+    import mlflow
+
+    write_json(Path(out_dir) / "validations.json", {"validations": result.validations})
+    write_curve(curve_path, result.history)
+    record_metrics(metrics_path, metrics)
+    mlflow.log_artifacts(out_dir, artifact_path=artifact_path)
+    mlflow.log_artifact(curve_path)
+
+
 @task(name="train-expert", cache_policy=NO_CACHE)
 def train_expert_task(params: Params, task_name: str, model_dir: str, svd_dir: str, data_dir: str, out_dir: str,
                       run_dir: str, metrics_path: str, curve_path: str, resume: bool = False) -> dict:
@@ -103,11 +115,7 @@ def train_expert_task(params: Params, task_name: str, model_dir: str, svd_dir: s
                    "best_val_accuracy": result.best_val_accuracy, "best_step": result.best_step,
                    "steps": rl.steps, "val_docs": len(val), "svf_parameters": expert.num_parameters,
                    "resumed_from_step": result.resumed_from, **resource_metrics(t["seconds"])}
-        write_json(Path(out_dir) / "validations.json", {"validations": result.validations})
-        write_curve(curve_path, result.history)
-        record_metrics(metrics_path, metrics)
-        mlflow.log_artifacts(out_dir, artifact_path="expert")
-        mlflow.log_artifact(curve_path)
+        record_training_run(result, metrics, out_dir, metrics_path, curve_path, artifact_path="expert")
         log.info(f"{task_name}: validation accuracy base {result.base_val_accuracy:.3f} -> "
                  f"best {result.best_val_accuracy:.3f} (step {result.best_step})")
     return metrics

@@ -8,7 +8,6 @@ runs are tagged stage / task / kind / objective so they sit beside the SVF runs 
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Optional
 
 from prefect import get_run_logger, task
@@ -18,8 +17,8 @@ from transformer2.benchmarks import load_split
 from transformer2.config import LoRAParams, Params
 from transformer2.runtime import resource_metrics, timed
 
-from .expert import loop_config, progress_logger, write_curve
-from .tracking import record_metrics, stage_run, write_json
+from .expert import loop_config, progress_logger, record_training_run
+from .tracking import stage_run
 
 
 def run_lora_stage(params: Params, task_name: str, model_dir: str, data_dir: str, out_dir: str, run_dir: str,
@@ -67,11 +66,7 @@ def run_lora_stage(params: Params, task_name: str, model_dir: str, data_dir: str
                    "val_docs": len(val), "trainable_parameters": adapter.num_parameters,
                    "train_seconds": result.seconds, "resumed_from_step": result.resumed_from,
                    **resource_metrics(t["seconds"])}
-        write_json(Path(out_dir) / "validations.json", {"validations": result.validations})
-        write_curve(curve_path, result.history)
-        record_metrics(metrics_path, metrics)
-        mlflow.log_artifacts(out_dir, artifact_path="adapter")
-        mlflow.log_artifact(curve_path)
+        record_training_run(result, metrics, out_dir, metrics_path, curve_path, artifact_path="adapter")
         log(f"{task_name} (lora, {s.objective}): validation accuracy base {result.base_val_accuracy:.3f} -> "
             f"best {result.best_val_accuracy:.3f} (step {result.best_step}), "
             f"{adapter.num_parameters:,} trainable parameters")
