@@ -44,9 +44,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--params", default="params.yaml")
     s.add_argument("--resume", action="store_true",
                    help="continue from the run's checkpoint if one of the same config exists")
+    s = sub.add_parser("classifier", help="train the classification expert z_c and measure dispatch accuracy "
+                       "(stage `classifier`)")
+    s.add_argument("--params", default="params.yaml")
+    s.add_argument("--resume", action="store_true",
+                   help="continue from the run's checkpoint if one of the same config exists")
+    s = sub.add_parser("cem", help="few-shot CEM: the expert mix for one unseen task (stage `cem`)")
+    s.add_argument("--task", required=True, help="a task in cem.tasks, e.g. math, humaneval, arc_challenge")
+    s.add_argument("--params", default="params.yaml")
     s = sub.add_parser("eval", help="one cell of the evaluation matrix through lm-eval (stages eval-*)")
-    s.add_argument("--kind", required=True, choices=("base", "svf", "lora"),
-                   help="base model, base + the task's SVF expert, or base + the task's LoRA adapter")
+    s.add_argument("--kind", required=True, choices=("base", "svf", "lora", "prompt", "classifier", "few_shot"),
+                   help="base model; base + the task's SVF expert / LoRA adapter; or a two-pass strategy over "
+                        "the SVF experts: prompt dispatch, classifier expert, few-shot CEM mix")
     s.add_argument("--task", required=True)
     s.add_argument("--params", default="params.yaml")
     s = sub.add_parser("pipeline", help="run every stage in DAG order (through `dvc repro` by default)")
@@ -116,6 +125,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.task not in params.lora.tasks:
                 return _fail(f"--task {args.task!r} is not in lora.tasks {params.lora.tasks}")
             lora_flow(task=args.task, params_path=args.params, resume=args.resume)
+        elif args.command == "classifier":
+            from .stages import classifier_flow
+
+            classifier_flow(params_path=args.params, resume=args.resume)
+        elif args.command == "cem":
+            from .stages import cem_flow
+
+            if args.task not in params.cem.tasks:
+                return _fail(f"--task {args.task!r} is not in cem.tasks {params.cem.tasks}")
+            cem_flow(task=args.task, params_path=args.params)
         elif args.command == "eval":
             from .stages import eval_flow
 

@@ -16,10 +16,22 @@ from prefect.cache_policies import NO_CACHE
 from transformer2.config import load_params
 
 from . import layout
-from .stages import STAGES, eval_flow, expert_args, expert_flow, lora_flow
+from .stages import STAGES, cem_flow, classifier_flow, eval_flow, expert_args, expert_flow, lora_flow
 
 # DAG order; must agree with dvc.yaml (tests/test_pipeline.py checks it does).
-STAGE_ORDER = ("model", "data", "decompose", "expert", "lora", "eval-base", "eval-svf", "eval-lora", "report")
+STAGE_ORDER = ("model", "data", "decompose", "expert", "lora", "classifier", "cem", "eval-base", "eval-svf",
+               "eval-lora", "eval-prompt", "eval-classifier", "eval-few-shot", "report")
+EVAL_KINDS = {"eval-base": "base", "eval-svf": "svf", "eval-lora": "lora", "eval-prompt": "prompt",
+              "eval-classifier": "classifier", "eval-few-shot": "few_shot"}  # stage -> `t2 eval --kind`
+
+
+def eval_tasks(params, kind: str) -> list[str]:
+    """The tasks of one eval stage's foreach (mirrors dvc.yaml)."""
+    if kind == "base":
+        return params.eval.tasks
+    if kind in ("svf", "lora"):
+        return getattr(params, "rl" if kind == "svf" else "lora").tasks
+    return params.eval.adapt_tasks
 
 
 @task(name="dvc-repro", cache_policy=NO_CACHE)
@@ -51,10 +63,14 @@ def pipeline_flow(params_path: str = str(layout.PARAMS), use_dvc: bool = True, p
         elif stage == "lora":
             for name in load_params(params_path).lora.tasks:
                 lora_flow(task=name, params_path=params_path, resume=True)
-        elif stage.startswith("eval-"):
-            params = load_params(params_path)
-            kind = stage.removeprefix("eval-")
-            for name in {"base": params.eval.tasks, "svf": params.rl.tasks, "lora": params.lora.tasks}[kind]:
+        elif stage == "classifier":
+            classifier_flow(params_path=params_path, resume=True)
+        elif stage == "cem":
+            for name in load_params(params_path).cem.tasks:
+                cem_flow(task=name, params_path=params_path)
+        elif stage in EVAL_KINDS:
+            kind = EVAL_KINDS[stage]
+            for name in eval_tasks(load_params(params_path), kind):
                 eval_flow(kind=kind, task=name, params_path=params_path)
         else:
             STAGES[stage](params_path=params_path)

@@ -61,14 +61,46 @@ def lora_flow(task: str, params_path: str = str(layout.PARAMS), resume: bool = F
     return train_lora_task(load_params(params_path), resume=resume, **lora_args(task))
 
 
+@flow(name="classifier")
+def classifier_flow(params_path: str = str(layout.PARAMS), resume: bool = False) -> dict:
+    from tasks.classifier import train_classifier_task
+
+    return train_classifier_task(load_params(params_path), str(layout.MODEL_DIR), str(layout.SVD_DIR),
+                                 str(layout.DATA_DIR), str(layout.CLASSIFIER_DIR),
+                                 str(layout.CHECKPOINTS_DIR / "classifier"), str(layout.metrics_file("classifier")),
+                                 str(layout.PLOTS_DIR / "classifier.csv"), str(layout.PLOTS_DIR / "dispatch"),
+                                 resume=resume)
+
+
+@flow(name="cem", flow_run_name="cem-{task}")
+def cem_flow(task: str, params_path: str = str(layout.PARAMS)) -> dict:
+    from tasks.cem import cem_task
+
+    return cem_task(load_params(params_path), task, str(layout.MODEL_DIR), str(layout.SVD_DIR), str(layout.DATA_DIR),
+                    str(layout.EXPERTS_DIR), str(layout.CEM_DIR / task), str(layout.metrics_file(f"cem_{task}")),
+                    str(layout.PLOTS_DIR / f"cem_{task}.csv"))
+
+
 @flow(name="eval", flow_run_name="eval-{kind}-{task}")
 def eval_flow(kind: str, task: str, params_path: str = str(layout.PARAMS)) -> dict:
-    from tasks.eval import evaluate_cell_task
+    from tasks.eval import STRATEGY_KINDS, evaluate_cell_task, model_args, strategy_model_args
 
-    adapter = {"svf": layout.EXPERTS_DIR / task, "lora": layout.LORA_DIR / task}.get(kind)
-    return evaluate_cell_task(load_params(params_path), kind, task, str(layout.MODEL_DIR), str(layout.SVD_DIR),
-                              str(layout.DATA_DIR), str(adapter) if adapter else None,
-                              str(layout.EVAL_DIR / f"{kind}_{task}"), str(layout.metrics_file(f"eval_{kind}_{task}")))
+    params = load_params(params_path)
+    extra: dict = {}
+    if kind in STRATEGY_KINDS:
+        experts = {t: str(layout.EXPERTS_DIR / t) for t in params.rl.tasks}
+        args = strategy_model_args(kind, params, str(layout.MODEL_DIR), str(layout.SVD_DIR), experts,
+                                   classifier_dir=str(layout.CLASSIFIER_DIR), cem_dir=str(layout.CEM_DIR / task))
+        if kind == "few_shot":
+            from transformer2.cem import CEMResult
+
+            search = CEMResult.load(layout.CEM_DIR / task)
+            extra = {"adaptation_search_s": search.seconds, "cem_shots": search.shots}
+    else:
+        adapter = {"svf": layout.EXPERTS_DIR / task, "lora": layout.LORA_DIR / task}.get(kind)
+        args = model_args(kind, str(layout.MODEL_DIR), str(layout.SVD_DIR), str(adapter) if adapter else None)
+    return evaluate_cell_task(params, kind, task, args, str(layout.DATA_DIR), str(layout.EVAL_DIR / f"{kind}_{task}"),
+                              str(layout.metrics_file(f"eval_{kind}_{task}")), extra)
 
 
 @flow(name="report")
@@ -79,4 +111,5 @@ def report_flow(params_path: str = str(layout.PARAMS)) -> dict:
                        str(layout.PLOTS_DIR / "results.png"))
 
 
-STAGES = {"model": model_flow, "data": data_flow, "decompose": decompose_flow, "report": report_flow}
+STAGES = {"model": model_flow, "data": data_flow, "decompose": decompose_flow, "classifier": classifier_flow,
+          "report": report_flow}

@@ -20,7 +20,8 @@ def prepare_data_task(params: Params, out_dir: str, metrics_path: str) -> dict:
         with timed() as t:
             counts = {}
             for name in params.data.tasks:
-                counts[name] = export_splits(name, out_dir, mirror, params.data.max_rows)
+                counts[name] = export_splits(name, out_dir, mirror, params.data.max_rows,
+                                             params.data.fewshot_holdout)
                 log.info(f"{name}: {counts[name]}")
         metrics = {"rows": counts, **resource_metrics(t["seconds"])}
         record_metrics(metrics_path, metrics)

@@ -12,30 +12,69 @@ from transformer2.runtime import resource_metrics, timed
 
 from .tracking import record_metrics, stage_run, write_json
 
-KINDS = ("base", "svf", "lora")
+STRATEGY_KINDS = ("prompt", "classifier", "few_shot")  # Transformer²'s two-pass strategies (Table 2)
+KINDS = ("base", "svf", "lora", *STRATEGY_KINDS)
 
 
 def model_args(kind: str, model_dir: str, svd_dir: str, adapter_dir: str | None) -> dict:
-    """lm-eval model_args of one cell: the base, the base + an SVF expert, or the base + a LoRA adapter."""
+    """lm-eval model_args of a one-pass cell: the base, the base + an SVF expert, or the base + a LoRA adapter."""
     args = {"pretrained": model_dir}
     if kind == "svf":
         args.update(svd=svd_dir, expert=adapter_dir)
     elif kind == "lora":
         args.update(peft=adapter_dir)
     elif kind != "base":
-        raise ValueError(f"unknown model kind {kind!r}; use one of {KINDS}")
+        raise ValueError(f"unknown one-pass model kind {kind!r}; use one of base, svf, lora")
     return args
 
 
+def strategy_model_args(kind: str, params: Params, model_dir: str, svd_dir: str, experts: dict[str, str],
+                        classifier_dir: str | None = None, cem_dir: str | None = None) -> dict:
+    """lm-eval model_args of a two-pass cell: the task experts (by task name) and the strategy choosing among them.
+
+    prompt / classifier route code→mbpp, math→gsm8k, reasoning→arc_easy, other→base weights; a
+    category whose expert is not in rl.tasks also gets the base weights. few_shot uses the mix
+    the cem stage found for this task.
+    """
+    from transformer2.dispatch import ROUTES
+
+    folders = dict(experts)
+    args: dict = {"pretrained": model_dir, "svd": svd_dir, "strategy": kind}
+    if kind in ("prompt", "classifier"):
+        ev = params.eval
+        strategy_args = {"mode": ev.dispatch_mode, "max_new_tokens": ev.dispatch_max_new_tokens,
+                         "batch_size": ev.batch_size,
+                         "routes": {c: (n if n in experts else None) for c, n in ROUTES.items()}}
+        if kind == "classifier":
+            folders["classifier"] = classifier_dir
+            strategy_args["classifier"] = "classifier"
+    elif kind == "few_shot":
+        strategy_args = {"result": cem_dir}
+    else:
+        raise ValueError(f"unknown strategy kind {kind!r}; use one of {STRATEGY_KINDS}")
+    return {**args, "experts": folders, "strategy_args": strategy_args}
+
+
+def adaptation_metrics(adaptation: dict) -> dict:
+    """First / second pass seconds of a cell (paper Table 3) and their ratio."""
+    first, second = adaptation.get("first_pass_s"), adaptation.get("second_pass_s")
+    if first is None or second is None:
+        return {}
+    return {"first_pass_s": first, "second_pass_s": second,
+            "first_to_second": round(first / second, 4) if second else None,
+            "per_key": adaptation.get("per_key", {})}
+
+
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_cell_task(params: Params, kind: str, task_name: str, model_dir: str, svd_dir: str, data_dir: str,
-                       adapter_dir: str | None, out_dir: str, metrics_path: str) -> dict:
-    """One cell of the evaluation matrix through lm-eval; results and per-sample outputs kept."""
+def evaluate_cell_task(params: Params, kind: str, task_name: str, args: dict, data_dir: str, out_dir: str,
+                       metrics_path: str, extra: dict | None = None) -> dict:
+    """One cell of the evaluation matrix through lm-eval (`args`: the `transformer2` model's
+    model_args); results and per-sample outputs kept, first/second pass times recorded."""
     log = get_run_logger()
     ev = params.eval.for_task(task_name)
     with stage_run(params, "eval", sections=("eval",), task=task_name, kind=kind):
         with timed() as t:
-            out = evaluate_task(model_args(kind, model_dir, svd_dir, adapter_dir), task_name,
+            out = evaluate_task(args, task_name,
                                 data_root=Path(data_dir), style=ev.style, limit=ev.limit,
                                 batch_size=ev.batch_size, num_fewshot=ev.num_fewshot,
                                 apply_chat_template=ev.apply_chat_template,
@@ -52,7 +91,8 @@ def evaluate_cell_task(params: Params, kind: str, task_name: str, model_dir: str
                     f.write(json.dumps({"task": sub, **row}, default=str) + "\n")
         metrics = {"kind": kind, "task": task_name, "lm_eval_task": out["task"], "style": ev.style,
                    "limit": ev.limit, "n_docs": n_docs, "metric": out["headline"]["metric"], "value": out["headline"]["value"],
-                   "metrics": out["metrics"], **resource_metrics(t["seconds"])}
+                   "metrics": out["metrics"], **adaptation_metrics(out["adaptation"]), **(extra or {}),
+                   **resource_metrics(t["seconds"])}
         record_metrics(metrics_path, metrics)
         log.info(f"{kind} on {task_name}: {out['headline']['metric']} = {out['headline']['value']:.4f}")
     return metrics

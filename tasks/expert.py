@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from transformer2.adapters import SVFAdapter
 from transformer2.benchmarks import load_split
-from transformer2.config import Params, TrainingSection
+from transformer2.config import LoopSection, Params
 from transformer2.models import load_patched
 from transformer2.rl import RLObjectiveConfig, train_svf_expert
 from transformer2.runtime import resource_metrics, timed
@@ -24,9 +24,9 @@ CURVE_FIELDS = ("step", "reward", "accuracy", "kl", "loss", "grad_norm", "val_ac
                 "seconds_rollout", "seconds_logprob", "seconds_forward", "seconds_backward")
 
 
-def loop_config(section: TrainingSection, seed: int) -> LoopConfig:
-    """The training loop's settings from `rl.*` or `lora.*` (they share these keys)."""
-    return LoopConfig(**{name: getattr(section, name) for name in TrainingSection.model_fields
+def loop_config(section: LoopSection, seed: int) -> LoopConfig:
+    """The training loop's settings from `rl.*`, `lora.*` or `classifier.*` (they share these keys)."""
+    return LoopConfig(**{name: getattr(section, name) for name in LoopSection.model_fields
                          if name in LoopConfig.__dataclass_fields__}, seed=seed)
 
 

@@ -6,7 +6,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from transformer2.config import Params
-from transformer2.report import build_report, plot_cells, read_cells
+from transformer2.report import build_report, plot_cells, read_cells, read_stage_metrics
 
 from .tracking import stage_run
 
@@ -17,10 +17,16 @@ def report_task(params: Params, metrics_dir: str, report_path: str, plot_path: s
     import mlflow
 
     cells = read_cells(metrics_dir)
+    classifier, cem = read_stage_metrics(metrics_dir)
     notes = {"Profile": f"eval.style={params.eval.style}, eval.limit={params.eval.limit} "
-                        f"(overrides: {params.eval.overrides or 'none'}), model {params.model.name}."}
+                        f"(overrides: {params.eval.overrides or 'none'}), model {params.model.name}.",
+             "Two-pass cells": f"prompt / classifier dispatch with a `{params.eval.dispatch_mode}` first pass; "
+                               "routes code→MBPP, math→GSM8K, reasoning→ARC-Easy expert, other→base weights. "
+                               "Few-shot CEM shots come from each task's training split; HumanEval has none, so "
+                               f"{params.data.fewshot_holdout} of its test docs are held out as shots and every "
+                               "HumanEval cell (base included) is evaluated on the rest."}
     Path(report_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(report_path).write_text(build_report(cells, notes))
+    Path(report_path).write_text(build_report(cells, notes, classifier, cem))
     plot_cells(cells, plot_path)
     with stage_run(params, "report", sections=("eval",)):
         mlflow.log_artifact(report_path)

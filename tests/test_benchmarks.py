@@ -64,3 +64,26 @@ def test_data_dir_resolution(monkeypatch, tmp_path):
 def test_unexported_split_says_which_stage(tmp_path):
     with pytest.raises(DataError, match="run the data stage"):
         load_split(tmp_path, "gsm8k", "train")
+
+
+def test_fewshot_holdout_only_for_tasks_without_train_split(mirror, tmp_path):
+    from transformer2.benchmarks import FEWSHOT_SPLIT, shot_pool
+
+    full = prepare_splits("humaneval", mirror)
+    held = prepare_splits("humaneval", mirror, fewshot_holdout=10)
+    assert len(held[FEWSHOT_SPLIT]) == 10 and len(held["test"]) == len(full["test"]) - 10
+    ids = lambda docs: {d["task_id"] for d in docs}
+    assert ids(held[FEWSHOT_SPLIT]).isdisjoint(ids(held["test"]))
+    assert ids(held[FEWSHOT_SPLIT]) | ids(held["test"]) == ids(full["test"])
+    assert prepare_splits("humaneval", mirror, fewshot_holdout=10) == held  # fixed seed: a stable eval set
+    assert FEWSHOT_SPLIT not in prepare_splits("math", mirror, max_rows=5, fewshot_holdout=10)  # has a train split
+    with pytest.raises(DataError, match="more than half"):
+        prepare_splits("humaneval", mirror, fewshot_holdout=100)
+
+    export_splits("humaneval", tmp_path, mirror, max_rows=20, fewshot_holdout=4)
+    assert shot_pool(tmp_path, "humaneval")[0] == FEWSHOT_SPLIT and len(shot_pool(tmp_path, "humaneval")[1]) == 4
+    export_splits("humaneval", tmp_path, mirror, max_rows=20)  # holdout switched off: the stale split goes
+    with pytest.raises(DataError, match="fewshot_holdout"):
+        shot_pool(tmp_path, "humaneval")
+    export_splits("math", tmp_path, mirror, max_rows=5)
+    assert shot_pool(tmp_path, "math")[0] == "train"

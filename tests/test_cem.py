@@ -227,3 +227,14 @@ def test_few_shot_strategy_fixed_alpha_and_lazy_cem(lm_setup):
         Transformer2LM(pretrained=lm_setup["model"], svd=lm_setup["svd"], experts=lm_setup["experts"],
                        strategy="few_shot", device="cpu",
                        strategy_args={"task": "arc_challenge", "data_root": lm_setup["data"], "split": "test"})
+
+
+def test_cem_result_saves_alpha_tensor_and_json(tmp_path):
+    from safetensors import safe_open
+
+    result = CEMResult(alpha=[0.25, 0.75], keys=["gsm8k", "mbpp"], accuracy=0.5, loglik=-1.0, task="math", shots=3)
+    result.save(tmp_path / "cem")
+    assert CEMResult.load(tmp_path / "cem") == result
+    with safe_open(str(tmp_path / "cem" / "alpha.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("alpha"), torch.tensor([0.25, 0.75]))
+        assert json.loads(f.metadata()["keys"]) == ["gsm8k", "mbpp"]

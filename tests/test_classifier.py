@@ -95,3 +95,16 @@ def test_train_classifier_expert_runs_the_rl_trainer_on_classify(data_root, tmp_
     assert set(expert.vectors) == set(names) and result.best_step == 1
     out = evaluate_dispatch(model, tokenizer, val, mode="loglik", classifier=expert)
     assert len(out["pred"]) == 3 and np.array(out["confusion"]).sum() == 3 and out["metrics"]["classifier"]
+
+
+def test_heldout_docs_come_from_test_splits_with_categories(data_root):
+    from transformer2.classifier import heldout_docs, per_source_accuracy
+
+    docs = heldout_docs(data_root, ["gsm8k", "arc_challenge"], per_task=4, seed=1)
+    assert [d["source"] for d in docs] == ["gsm8k"] * 4 + ["arc_challenge"] * 4
+    assert {d["label"] for d in docs} == {"math", "reasoning"}
+    assert all("-test-" in d["question"] for d in docs)  # test prompts, never training ones
+    assert docs == heldout_docs(data_root, ["gsm8k", "arc_challenge"], per_task=4, seed=1)
+    assert len(heldout_docs(data_root, ["mbpp"], per_task=None)) == 9  # whole split
+    pred = ["math", "other", "math", "math", "reasoning", None, "math", "reasoning"]
+    assert per_source_accuracy(docs, pred) == {"gsm8k": 0.75, "arc_challenge": 0.5}

@@ -69,3 +69,20 @@ def test_per_task_overrides():
 def test_bad_overrides_name_task_and_key(data, message):
     with pytest.raises(ConfigError, match=message):
         parse_params(data)
+
+
+def test_two_pass_sections_and_cross_check():
+    params = parse_params({})
+    assert params.cem.tasks == ["math", "humaneval", "arc_challenge"] == params.eval.adapt_tasks
+    assert params.classifier.modes == ["generate", "loglik"] and params.eval.dispatch_mode == "loglik"
+    assert parse_params({"cem": {"overrides": {"arc_challenge": {"population": 32}}}}).cem.for_task(
+        "arc_challenge").population == 32
+    with pytest.raises(ConfigError, match=r"eval.adapt_tasks: \['math'\] have no few-shot CEM result"):
+        parse_params({"cem": {"tasks": ["humaneval"]}, "eval": {"adapt_tasks": ["math", "humaneval"]}})
+    for bad, key in (({"classifier": {"modes": ["decode"]}}, "classifier.modes.0"),
+                     ({"cem": {"method": "fast"}}, "cem.method"),
+                     ({"cem": {"overrides": {"math": {"shots": 0}}}}, "math.shots"),
+                     ({"eval": {"dispatch_mode": "x"}}, "eval.dispatch_mode"),
+                     ({"data": {"fewshot_holdout": -1}}, "data.fewshot_holdout")):
+        with pytest.raises(ConfigError, match=key):
+            parse_params(bad)

@@ -69,8 +69,26 @@ def test_dvc_repro_runs_every_stage(project):
         assert (root / f"artifacts/eval/{kind}_{task}/results.json").is_file()
         samples = (root / f"artifacts/eval/{kind}_{task}/samples.jsonl").read_text().splitlines()
         assert len({json.loads(line)["doc_id"] for line in samples}) == 2 == cell["n_docs"]
+    classifier = json.loads((root / "metrics/classifier.json").read_text())
+    assert classifier["steps"] == 1 and classifier["train_docs"] == 6 and classifier["heldout_docs"] == 6
+    assert set(classifier["dispatch"]) == {"prompt_generate", "prompt_loglik", "classifier_generate",
+                                           "classifier_loglik"}
+    for name in classifier["dispatch"]:
+        assert (root / f"plots/dispatch/{name}.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((root / "artifacts/classifier/expert.json").read_text())["provenance"]["task"] == "classify"
+    cem = json.loads((root / "metrics/cem_arc_challenge.json").read_text())
+    assert cem["experts"] == ["gsm8k"] and cem["shots"] == 2 and cem["shot_split"] == "train"
+    assert (root / "artifacts/cem/arc_challenge/alpha.safetensors").is_file()
+    assert data["rows"]["humaneval"] == {"fewshot": 2, "test": 6}
+    for kind in ("prompt", "classifier", "few_shot"):
+        cell = json.loads((root / f"metrics/eval_{kind}_arc_challenge.json").read_text())
+        assert cell["kind"] == kind and cell["n_docs"] == 2 and 0 <= cell["value"] <= 1
+        assert cell["first_pass_s"] >= 0 and cell["second_pass_s"] > 0
+    routed = json.loads((root / "metrics/eval_prompt_arc_challenge.json").read_text())["per_key"]
+    assert set(routed) <= {"gsm8k", "None"}  # only the gsm8k expert exists: other categories get the base
     report = (root / "reports/results.md").read_text()
     assert "| GSM8K |" in report and "(n=2)" in report
+    assert "Table 3" in report and "| ARC-Challenge | few-shot |" in report and "Dispatch accuracy" in report
     assert (root / "plots/results.png").is_file()
 
 

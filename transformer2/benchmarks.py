@@ -9,7 +9,9 @@ Splits follow the reference implementation (paper-notes §2): GSM8K and ARC-Easy
 official train split by even/odd index into train/validation; MBPP shuffles the official
 train split with seed 16 into 200 train / 100 validation items. Tests are the official test
 splits. The unseen tasks keep their official splits (their train split only feeds few-shot
-adaptation).
+adaptation); a task without a training split (HumanEval) can have `fewshot_holdout` seeded
+docs moved out of its test split into a `fewshot` split, so few-shot adaptation has labelled
+shots that no evaluation of that task ever sees.
 """
 from __future__ import annotations
 
@@ -137,23 +139,54 @@ def load_source(name: str, split: str, mirror: Optional[Path] = None) -> list[Do
     return _load_hub(name, bench.hub_path, bench.hub_config, split)
 
 
-def prepare_splits(name: str, mirror: Optional[Path] = None, max_rows: Optional[int] = None) -> Splits:
-    """The paper's train/validation/test splits of one task (each capped at `max_rows` if given)."""
+FEWSHOT_SPLIT = "fewshot"
+FEWSHOT_SEED = 0  # fixed, like MBPP's split seed: the evaluation set must not move with `seed`
+
+
+def hold_out_shots(splits: Splits, k: int, seed: int = FEWSHOT_SEED) -> Splits:
+    """Move k seeded test docs into a `fewshot` split (tasks without a training split only)."""
+    if k == 0 or "train" in splits:
+        return splits
+    test = splits["test"]
+    if k > len(test) // 2:
+        raise DataError(f"data.fewshot_holdout={k} would hold out more than half of the {len(test)} test docs")
+    idx = set(random.Random(seed).sample(range(len(test)), k))
+    return {**splits, FEWSHOT_SPLIT: [test[i] for i in sorted(idx)],
+            "test": [d for i, d in enumerate(test) if i not in idx]}
+
+
+def prepare_splits(name: str, mirror: Optional[Path] = None, max_rows: Optional[int] = None,
+                   fewshot_holdout: int = 0) -> Splits:
+    """The paper's train/validation/test splits of one task (each capped at `max_rows` if given),
+    plus a `fewshot` split held out of the test split when the task has no training split."""
     bench = get_benchmark(name)
     source = {split: load_source(name, split, mirror) for split in bench.source_splits}
-    splits = bench.make_splits(source)
+    splits = hold_out_shots(bench.make_splits(source), fewshot_holdout)
     if max_rows is not None:
         splits = {k: v[:max_rows] for k, v in splits.items()}
     return splits
 
 
 def export_splits(name: str, out_dir: str | Path, mirror: Optional[Path] = None,
-                  max_rows: Optional[int] = None) -> dict[str, int]:
+                  max_rows: Optional[int] = None, fewshot_holdout: int = 0) -> dict[str, int]:
     """Write `<out_dir>/<name>/<split>.jsonl` for every split; returns the row counts."""
-    splits = prepare_splits(name, mirror, max_rows)
+    splits = prepare_splits(name, mirror, max_rows, fewshot_holdout)
+    for old in (Path(out_dir) / name).glob("*.jsonl"):  # a split this config no longer has
+        if old.stem not in splits:
+            old.unlink()
     for split, docs in splits.items():
         write_jsonl(Path(out_dir) / name / f"{split}.jsonl", docs)
     return {split: len(docs) for split, docs in splits.items()}
+
+
+def shot_pool(data_root: str | Path, task: str) -> tuple[str, list[Doc]]:
+    """Where few-shot adaptation may draw labelled shots of `task`: its training split, else its
+    held-out `fewshot` split; never the test docs it is evaluated on. Returns (split, docs)."""
+    for split in ("train", FEWSHOT_SPLIT):
+        if (Path(data_root) / task / f"{split}.jsonl").is_file():
+            return split, load_split(data_root, task, split)
+    raise DataError(f"{task} has no training split and no held-out few-shot split in {data_root}: "
+                    "set data.fewshot_holdout > 0 and rerun the data stage")
 
 
 def load_split(data_root: str | Path, task: str, split: str) -> list[Doc]:

@@ -42,6 +42,7 @@ from .svf import Expert, mix_experts, set_expert
 MULTIPLE_CHOICE_TASKS = ("arc_easy", "arc_challenge")
 METHODS = ("batched", "naive")
 CEM_RESULT = "cem.json"
+ALPHA_WEIGHTS = "alpha.safetensors"  # the same α as a tensor, for tools that read only weights
 
 
 class CEMError(UserError, ValueError):
@@ -294,9 +295,16 @@ class CEMResult:
         return expert
 
     def save(self, path: str | Path) -> Path:
-        """Write JSON to `path` (a file, or a folder that gets cem.json), atomically."""
+        """Write JSON to `path` (a file, or a folder that gets cem.json and alpha.safetensors), atomically."""
+        from safetensors.torch import save_file
+
         path = Path(path)
         if path.suffix != ".json":
+            path.mkdir(parents=True, exist_ok=True)
+            tmp = path / (ALPHA_WEIGHTS + ".tmp")
+            save_file({"alpha": torch.tensor(self.alpha, dtype=torch.float32)}, str(tmp),
+                      metadata={"keys": json.dumps(self.keys), "task": self.task})
+            tmp.replace(path / ALPHA_WEIGHTS)
             path = path / CEM_RESULT
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")

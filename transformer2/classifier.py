@@ -57,6 +57,32 @@ def classifier_docs(data_root: str | Path, split: str = "train", per_class: Opti
     return docs
 
 
+def heldout_docs(data_root: str | Path, tasks: Sequence[str], per_task: Optional[int] = None,
+                 seed: int = 0) -> list[dict]:
+    """Held-out prompts for dispatch accuracy: seeded test docs of each task, labelled by its category.
+
+    Test splits are never classifier training data (`classifier_docs` refuses them), so these
+    measure dispatch as the evaluation cells meet it.
+    """
+    rng = random.Random(seed)
+    docs = []
+    for task in tasks:
+        pool = load_split(data_root, task, "test")
+        idx = range(len(pool)) if per_task is None or per_task >= len(pool) else sorted(rng.sample(range(len(pool)),
+                                                                                                    per_task))
+        docs += [{"question": question_text(task, pool[i]), "label": BENCHMARKS[task].category, "source": task,
+                  "index": i} for i in idx]
+    return docs
+
+
+def per_source_accuracy(docs: Sequence[dict], pred: Sequence[Optional[str]]) -> dict[str, float]:
+    """Dispatch accuracy per source task (e.g. how often a MATH prompt was called math)."""
+    hits: dict[str, list[bool]] = {}
+    for d, p in zip(docs, pred):
+        hits.setdefault(d["source"], []).append((p or "other") == d["label"])
+    return {task: sum(h) / len(h) for task, h in hits.items()}
+
+
 def train_classifier_expert(model, tokenizer, base_fingerprint: str, svf_config, train_docs: Sequence[dict],
                             val_docs: Sequence[dict], loop, objective_cfg, run_dir, *, resume: bool = False,
                             eval_batch_size: int = 8, init_seed: int = 0, progress=None):
@@ -158,4 +184,4 @@ def evaluate_dispatch(model, tokenizer, docs: Sequence[dict], *, mode: str = "lo
 
 
 __all__ = ["CLASSIFIER_SOURCES", "ClassifierDataError", "classifier_docs", "dispatch_confusion", "dispatch_metrics",
-           "evaluate_dispatch", "plot_confusion", "train_classifier_expert"]
+           "evaluate_dispatch", "heldout_docs", "per_source_accuracy", "plot_confusion", "train_classifier_expert"]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from .errors import UserError
 
 TRAIN_TASKS = ("gsm8k", "mbpp", "arc_easy")
@@ -71,6 +71,9 @@ class DataParams(Section):
     tasks: list[str] = Field(default_factory=lambda: list(ALL_TASKS))
     max_rows: Optional[int] = Field(default=None, ge=1)
     """Cap on every split (tiny profiles for tests); None keeps the paper's splits whole."""
+    fewshot_holdout: int = Field(default=10, ge=0)
+    """Docs of a task without a training split (HumanEval) held out of its test split as few-shot
+    shots (split `fewshot`); every evaluation of that task runs on the rest."""
 
     @field_validator("tasks")
     @classmethod
@@ -109,8 +112,8 @@ class PerTaskSection(Section):
         return self.model_copy(update=self.overrides.get(task, {}))
 
 
-class TrainingSection(PerTaskSection):
-    """The training loop's knobs (`training.LoopConfig`), shared by SVF experts and LoRA baselines."""
+class LoopSection(Section):
+    """The training loop's knobs (`training.LoopConfig`), shared by every trained adapter."""
 
     steps: int = Field(default=8, ge=1)
     batch_size: int = Field(default=8, ge=1)
@@ -125,7 +128,21 @@ class TrainingSection(PerTaskSection):
     checkpoint_every: int = Field(default=1, ge=1)
 
 
-class RLParams(TrainingSection):
+class ReinforceSection(LoopSection):
+    """REINFORCE's knobs (`rl.RLObjectiveConfig`): the task experts and the classification expert."""
+
+    kl_coef: float = Field(default=0.0, ge=0)
+    max_new_tokens: int = Field(default=128, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(default=1.0, gt=0)
+    eval_batch_size: int = Field(default=16, ge=1)
+
+
+class TrainingSection(PerTaskSection, LoopSection):
+    """A loop trained once per task (SVF experts, LoRA baselines), with per-task overrides."""
+
+
+class RLParams(PerTaskSection, ReinforceSection):
     """SVF expert training: REINFORCE (objective: reinforce, the paper's method) or next-token
     prediction on the reference answers (objective: next_token, the Table-4 ablation).
     Defaults are the CPU profile: each expert of the built-in SmolLM2-135M trains in ~10-15 min
@@ -133,12 +150,7 @@ class RLParams(TrainingSection):
     steps). Validation settings here are shared by the LoRA baseline of the same task."""
 
     objective: Literal["reinforce", "next_token"] = "reinforce"
-    kl_coef: float = Field(default=0.0, ge=0)
-    max_new_tokens: int = Field(default=128, ge=1)
-    do_sample: bool = False
-    temperature: float = Field(default=1.0, gt=0)
     val_size: Optional[int] = Field(default=24, ge=1)
-    eval_batch_size: int = Field(default=16, ge=1)
 
 
 class LoRAParams(TrainingSection):
@@ -160,16 +172,42 @@ class LoRAParams(TrainingSection):
     """next_token: cut longer reference answers (tokens); None keeps them whole."""
 
 
-class ClassifierParams(Section):
-    steps: int = Field(default=20, ge=1)
+class ClassifierParams(ReinforceSection):
+    """The classification expert z_c: REINFORCE (reward +-1 for the right \\boxed{label}) on prompts of
+    the TRAINING splits of the expert tasks, balanced per category; validated on their validation
+    splits. Dispatch accuracy of the base prompt and of z_c is then measured on held-out prompts:
+    the test splits of every task in data.tasks (`heldout_per_task` each), in every mode of `modes`."""
+
+    steps: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=12, ge=1)
+    micro_batch_size: int = Field(default=12, ge=1)
+    max_new_tokens: int = Field(default=32, ge=1)
+    per_class: Optional[int] = Field(default=None, ge=1)
+    """Training prompts per category (null: as many as the smallest expert task's training split)."""
+    val_per_class: int = Field(default=8, ge=1)
+    heldout_per_task: Optional[int] = Field(default=10, ge=1)
+    """Held-out test prompts per task for the dispatch confusion matrices (null: whole test splits)."""
+    modes: list[Literal["generate", "loglik"]] = Field(default_factory=lambda: ["generate", "loglik"])
 
 
-class CEMParams(Section):
+class CEMParams(PerTaskSection):
+    """Few-shot adaptation: alpha of z' = sum_k alpha_k z_k by the Cross-Entropy Method on `shots`
+    labelled docs of each task (its training split; for a task without one, HumanEval, the
+    `data.fewshot_holdout` docs held out of its test split). Reference config: population 32,
+    elite_ratio 0.2, init_std 0.5, per_matrix true; paper: 10 shots, up to 100 generations."""
+
+    tasks: list[str] = Field(default_factory=lambda: list(UNSEEN_TASKS))
     population: int = Field(default=32, ge=2)
     elite_ratio: float = Field(default=0.2, gt=0, le=1)
     generations: int = Field(default=10, ge=1)
     shots: int = Field(default=10, ge=1)
+    init_std: float = Field(default=0.5, ge=0)
     per_matrix: bool = False
+    keep_best: bool = True
+    method: Literal["batched", "naive"] = "batched"
+    batch_size: int = Field(default=16, ge=1)
+    max_new_tokens: int = Field(default=128, ge=1)
+    """Generation tasks (MATH, HumanEval): the shots are answered greedily up to this many tokens."""
 
 
 class EvalParams(PerTaskSection):
@@ -184,8 +222,16 @@ class EvalParams(PerTaskSection):
     num_fewshot: Optional[int] = Field(default=None, ge=0)
     apply_chat_template: bool = False
     max_gen_toks: Optional[int] = Field(default=192, ge=1)
+    adapt_tasks: list[str] = Field(default_factory=lambda: list(UNSEEN_TASKS))
+    """Table 2: tasks every two-pass strategy (prompt, classifier, few_shot) is evaluated on."""
+    dispatch_mode: Literal["generate", "loglik"] = "loglik"
+    """First pass of prompt / classifier dispatch: generate (as the paper) or loglik (one forward, no decoding)."""
+    dispatch_max_new_tokens: int = Field(default=32, ge=1)
 
-
+    @field_validator("adapt_tasks")
+    @classmethod
+    def _adapt_tasks(cls, v: list[str]) -> list[str]:
+        return _known_tasks(v)
 
 class TrackingParams(Section):
     uri: str = "sqlite:///mlflow.db"
@@ -204,12 +250,22 @@ class Params(Section):
     eval: EvalParams = Field(default_factory=EvalParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
 
+    @model_validator(mode="after")
+    def _few_shot_needs_cem(self) -> "Params":
+        missing = [t for t in self.eval.adapt_tasks if t not in self.cem.tasks]
+        if missing:
+            raise ValueError(f"eval.adapt_tasks: {missing} have no few-shot CEM result; add them to cem.tasks")
+        return self
+
 
 def _describe(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid config"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        key = ".".join(str(p) for p in e["loc"])
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        if not key:  # a check across sections: its message names the keys
+            lines.append(f"  {msg.removeprefix('Value error, ')}")
+            continue
         got = "" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"
         lines.append(f"  {key}: {msg}{got}")
     return "\n".join(lines)

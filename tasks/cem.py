@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import mlflow
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from tqdm import tqdm
+
+from transformer2.benchmarks import shot_pool
+from transformer2.cem import CEMConfig, CEMError, draw_shots, few_shot_cem
+from transformer2.config import Params
+from transformer2.models import load_patched
+from transformer2.runtime import resource_metrics, timed
+from transformer2.svf import Expert, SVFConfig
+
+from .tracking import record_metrics, stage_run, write_json
+
+HISTORY_FIELDS = ("generation", "best_accuracy", "best_loglik", "mean_accuracy", "elite_accuracy",
+                  "best_so_far_accuracy", "best_so_far_loglik", "mean_std", "seconds")
+
+
+def load_task_experts(experts_dir: str, tasks: list[str]) -> dict[str, Expert]:
+    """The trained SVF experts, named by task (the names dispatch routes and CEM mixes use)."""
+    return {t: Expert.load(Path(experts_dir) / t) for t in tasks}
+
+
+@task(name="few-shot-cem", cache_policy=NO_CACHE)
+def cem_task(params: Params, task_name: str, model_dir: str, svd_dir: str, data_dir: str, experts_dir: str,
+             out_dir: str, metrics_path: str, curve_path: str) -> dict:
+    """α of z' = Σ α_k z_k for `task_name` by CEM on `cem.shots` labelled docs that its evaluation never sees."""
+    log = get_run_logger()
+    cfg = params.cem.for_task(task_name)
+    svf = SVFConfig(**params.svf.model_dump())
+    experts = load_task_experts(experts_dir, params.rl.tasks)
+    pool_split, pool = shot_pool(data_dir, task_name)
+    if cfg.shots > len(pool):
+        raise CEMError(f"cem.shots={cfg.shots} but {task_name}'s {pool_split} split has {len(pool)} docs"
+                       + (" (raise data.fewshot_holdout)" if pool_split == "fewshot" else ""))
+    shots, _ = draw_shots(pool, cfg.shots, params.seed)
+    config = CEMConfig(population=cfg.population, elite_ratio=cfg.elite_ratio, generations=cfg.generations,
+                       init_std=cfg.init_std, per_matrix=cfg.per_matrix, keep_best=cfg.keep_best, seed=params.seed)
+    with stage_run(params, "cem", sections=("cem",), task=task_name, kind="few_shot"):
+        with timed() as t:
+            model, tokenizer, _ = load_patched(model_dir, svd_dir, svf, dtype=params.model.dtype,
+                                               device=params.model.device)
+            bar = tqdm(total=cfg.generations, desc=f"cem {task_name}", unit="gen")
+
+            def progress(record: dict) -> None:
+                bar.update(1)
+                bar.set_postfix(acc=f"{record['best_so_far_accuracy']:.2f}", ll=f"{record['best_so_far_loglik']:.3f}")
+                mlflow.log_metrics({k: float(v) for k, v in record.items()
+                                    if k != "generation" and isinstance(v, (int, float))}, step=record["generation"])
+
+            result = few_shot_cem(model, tokenizer, experts, task_name, shots, config, method=cfg.method,
+                                  batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, progress=progress)
+            bar.close()
+            result.save(out_dir)
+        position = {id(d): i for i, d in enumerate(pool)}
+        write_json(Path(out_dir) / "shots.json", {"split": pool_split, "indices": [position[id(d)] for d in shots]})
+        Path(curve_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(curve_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(result.history)
+        metrics = {"task": task_name, "experts": result.keys, "shots": len(shots), "shot_split": pool_split,
+                   "population": cfg.population, "generations": cfg.generations, "per_matrix": cfg.per_matrix,
+                   "method": cfg.method, "accuracy": result.accuracy, "loglik": result.loglik,
+                   "alpha": result.alpha if not cfg.per_matrix else None, "search_seconds": result.seconds,
+                   **resource_metrics(t["seconds"])}
+        record_metrics(metrics_path, metrics)
+        mlflow.log_artifacts(out_dir, artifact_path="cem")
+        log.info(f"{task_name}: best α {result.alpha if not cfg.per_matrix else '(per matrix)'} — shot accuracy "
+                 f"{result.accuracy:.3f}, gold log-likelihood {result.loglik:.3f} ({result.seconds:.0f} s)")
+    return metrics

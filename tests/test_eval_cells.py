@@ -1,0 +1,34 @@
+"""How an evaluation cell is described to lm-eval (tasks/eval.py): one-pass kinds and the two-pass strategies."""
+import pytest
+
+from tasks.eval import adaptation_metrics, model_args, strategy_model_args
+from transformer2.config import parse_params
+
+
+def test_one_pass_kinds():
+    assert model_args("base", "m", "s", None) == {"pretrained": "m"}
+    assert model_args("svf", "m", "s", "e") == {"pretrained": "m", "svd": "s", "expert": "e"}
+    assert model_args("lora", "m", "s", "l") == {"pretrained": "m", "peft": "l"}
+    with pytest.raises(ValueError, match="one-pass"):
+        model_args("prompt", "m", "s", None)
+
+
+def test_dispatch_routes_missing_experts_to_base_weights():
+    params = parse_params({"eval": {"dispatch_mode": "generate", "dispatch_max_new_tokens": 7}})
+    args = strategy_model_args("classifier", params, "m", "s", {"gsm8k": "e/gsm8k"}, classifier_dir="c")
+    assert args["experts"] == {"gsm8k": "e/gsm8k", "classifier": "c"} and args["strategy"] == "classifier"
+    sa = args["strategy_args"]
+    assert sa["routes"] == {"code": None, "math": "gsm8k", "reasoning": None, "other": None}
+    assert sa["mode"] == "generate" and sa["max_new_tokens"] == 7 and sa["classifier"] == "classifier"
+    prompt = strategy_model_args("prompt", params, "m", "s", {"gsm8k": "a", "mbpp": "b", "arc_easy": "c"})
+    assert prompt["strategy_args"]["routes"] == {"code": "mbpp", "math": "gsm8k", "reasoning": "arc_easy",
+                                                 "other": None}
+    assert "classifier" not in prompt["experts"]
+    few = strategy_model_args("few_shot", params, "m", "s", {"gsm8k": "a"}, cem_dir="cem/math")
+    assert few["strategy_args"] == {"result": "cem/math"}
+
+
+def test_adaptation_metrics():
+    assert adaptation_metrics({}) == {}
+    m = adaptation_metrics({"first_pass_s": 1.0, "second_pass_s": 20.0, "per_key": {"gsm8k": 3}})
+    assert m["first_to_second"] == 0.05 and m["per_key"] == {"gsm8k": 3}
