@@ -34,21 +34,17 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in STAGE_HELP.items():
         s = sub.add_parser(name, help=text, description=text)
         s.add_argument("--params", default="params.yaml", help="config file (default: params.yaml)")
-    s = sub.add_parser("train-expert", help="train one SVF expert with REINFORCE (stage `expert`)")
-    s.add_argument("--task", required=True, help="training task, e.g. gsm8k, mbpp, arc_easy")
-    s.add_argument("--params", default="params.yaml")
-    s.add_argument("--resume", action="store_true",
-                   help="continue from the run's checkpoint if one of the same config exists")
-    s = sub.add_parser("train-lora", help="train one LoRA baseline with PEFT (stage `lora`)")
-    s.add_argument("--task", required=True, help="training task, e.g. gsm8k, mbpp, arc_easy")
-    s.add_argument("--params", default="params.yaml")
-    s.add_argument("--resume", action="store_true",
-                   help="continue from the run's checkpoint if one of the same config exists")
-    s = sub.add_parser("classifier", help="train the classification expert z_c and measure dispatch accuracy "
-                       "(stage `classifier`)")
-    s.add_argument("--params", default="params.yaml")
-    s.add_argument("--resume", action="store_true",
-                   help="continue from the run's checkpoint if one of the same config exists")
+    for name, text, task_help in (
+            ("train-expert", "train one SVF expert with REINFORCE (stage `expert`)", "training task, e.g. gsm8k"),
+            ("train-lora", "train one LoRA baseline with PEFT (stage `lora`)", "training task, e.g. gsm8k"),
+            ("classifier", "train the classification expert z_c and measure dispatch accuracy (stage "
+                           "`classifier`)", None)):
+        s = sub.add_parser(name, help=text, description=text)
+        if task_help:
+            s.add_argument("--task", required=True, help=task_help)
+        s.add_argument("--params", default="params.yaml")
+        s.add_argument("--resume", action="store_true",
+                       help="continue from the run's checkpoint if one of the same config exists")
     s = sub.add_parser("cem", help="few-shot CEM: the expert mix for one unseen task (stage `cem`)")
     s.add_argument("--task", required=True, help="a task in cem.tasks, e.g. math, humaneval, arc_challenge")
     s.add_argument("--params", default="params.yaml")
