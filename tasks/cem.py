@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import mlflow
@@ -15,6 +14,7 @@ from transformer2.models import load_patched
 from transformer2.runtime import resource_metrics, timed
 from transformer2.svf import Expert, SVFConfig
 
+from .expert import write_curve
 from .tracking import record_metrics, stage_run, write_json
 
 HISTORY_FIELDS = ("generation", "best_accuracy", "best_loglik", "mean_accuracy", "elite_accuracy",
@@ -59,11 +59,7 @@ def cem_task(params: Params, task_name: str, model_dir: str, svd_dir: str, data_
             result.save(out_dir)
         position = {id(d): i for i, d in enumerate(pool)}
         write_json(Path(out_dir) / "shots.json", {"split": pool_split, "indices": [position[id(d)] for d in shots]})
-        Path(curve_path).parent.mkdir(parents=True, exist_ok=True)
-        with open(curve_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(result.history)
+        write_curve(curve_path, result.history, HISTORY_FIELDS)
         metrics = {"task": task_name, "experts": result.keys, "shots": len(shots), "shot_split": pool_split,
                    "population": cfg.population, "generations": cfg.generations, "per_matrix": cfg.per_matrix,
                    "method": cfg.method, "accuracy": result.accuracy, "loglik": result.loglik,

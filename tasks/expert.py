@@ -30,15 +30,15 @@ def loop_config(section: LoopSection, seed: int) -> LoopConfig:
                          if name in LoopConfig.__dataclass_fields__}, seed=seed)
 
 
-def write_curve(path: str | Path, history: list[dict]) -> None:
-    """Training curve for `dvc plots`: one row per step, validation where it ran."""
+def write_curve(path: str | Path, history: list[dict], fields: tuple[str, ...] = CURVE_FIELDS) -> None:
+    """A curve for `dvc plots`: one row per step (or generation), blank where a field did not run."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CURVE_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for row in history:
-            writer.writerow({k: row.get(k, "") for k in CURVE_FIELDS})
+            writer.writerow({k: row.get(k, "") for k in fields})
 
 
 def progress_logger(desc: str, steps: int):
