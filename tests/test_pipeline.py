@@ -131,7 +131,10 @@ def test_mlflow_has_a_run_per_stage(project):
               "print(sorted(runs['tags.stage'].tolist()))")
     proc = _run([sys.executable, "-c", script], root, env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    stages = sorted(["data", "decompose", "expert", "lora", "model", "report"] + ["eval"] * 4)
+    rl, lora, cem, ev = (TINY[k]["tasks"] for k in ("rl", "lora", "cem", "eval"))
+    cells = len(ev) + len(rl) + len(lora) + 3 * len(TINY["eval"]["adapt_tasks"])  # base, svf, lora, strategies
+    stages = sorted(["data", "decompose", "model", "classifier", "report"] + ["expert"] * len(rl)
+                    + ["lora"] * len(lora) + ["cem"] * len(cem) + ["eval"] * cells)
     assert proc.stdout.strip().splitlines()[-1] == str(stages)
 
 
