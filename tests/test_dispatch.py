@@ -63,6 +63,23 @@ def test_continuation_logprobs_match_one_sequence_at_a_time(tiny):
             assert got2.logprob[i][j] == pytest.approx(reference_logprob(model, tokenizer, p, c), abs=1e-4)
 
 
+def test_logit_budget_splits_batches_and_keeps_scores(tiny):
+    """Long teacher-forced answers: batches shrink so that rows × kept positions × vocab stays under the budget."""
+    from transformer2.dispatch import _logit_batches
+
+    assert _logit_batches([0, 1, 2, 3], [10, 10, 10, 10], 8, 1000, 10 * 4 * 1000 * 2 / 2 ** 20) == [[0, 1], [2, 3]]
+    assert _logit_batches([0, 1, 2], [5, 50, 5], 8, 1000, 1e-9) == [[0], [1], [2]]  # one row always fits
+    assert _logit_batches([0, 1, 2], [5, 5, 5], 2, 1000, 1e9) == [[0, 1], [2]]
+    model, tokenizer, _, _ = tiny
+    prompts = ["short", "a somewhat longer prompt here", "mid length one"]
+    answers = [["The answer is 42 because six times seven"], [" yes indeed"], ["x y z w v u"]]
+    whole = continuation_logprobs(model, tokenizer, prompts, answers, batch_size=3)
+    split = continuation_logprobs(model, tokenizer, prompts, answers, batch_size=3, max_logits_mb=1e-9)
+    assert split.tokens == whole.tokens
+    for a, b in zip(split.logprob, whole.logprob):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_loglik_scores_are_exact_on_every_architecture(arch):
     model, tokenizer = build_tiny_random(arch)

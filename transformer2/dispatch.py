@@ -125,11 +125,35 @@ def _prefix_cache(model, ids: list[int], groups: list[int], group_z: Optional[Ro
     return [(torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts])) for i in range(len(parts[0]))]
 
 
+def _logit_batches(order: Sequence[int], keep: Sequence[int], batch_size: int, vocab: int,
+                   max_logits_mb: float) -> list[list[int]]:
+    """Consecutive runs of `order`: at most `batch_size` rows, and at most `max_logits_mb` of
+    float32 logits for (rows × the longest kept span) — a single row always goes alone."""
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    longest = 0
+    for i in order:
+        widest = max(longest, keep[i])
+        if batch and (len(batch) == batch_size or (len(batch) + 1) * widest * vocab * 4 > max_logits_mb * 2 ** 20):
+            batches.append(batch)
+            batch, widest = [], keep[i]
+        batch.append(i)
+        longest = widest
+    return batches + [batch] if batch else batches
+
+
+def _logsumexp_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the vocabulary (B, T), one row at a time in float32: never a second
+    (B, T, V) tensor beside the logits (a full log_softmax of long gold answers doubled the peak)."""
+    return torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])
+
+
 @torch.no_grad()
 def continuation_logprobs(model, tokenizer, prompts: Sequence[str],
                           continuations: Sequence[str] | Sequence[Sequence[str]], *, batch_size: int = 8,
                           group_z: Optional[RowZ] = None, row_group: Optional[Sequence[int]] = None,
-                          share_prefix: bool = True, min_shared_tokens: int = 16) -> ContinuationScores:
+                          share_prefix: bool = True, min_shared_tokens: int = 16,
+                          max_logits_mb: float = 1024) -> ContinuationScores:
     """Score each prompt's candidate continuations without decoding.
 
     `continuations` is one list shared by every prompt, or one list per prompt (lengths may
@@ -140,6 +164,8 @@ def continuation_logprobs(model, tokenizer, prompts: Sequence[str],
     - Per batch of `batch_size` rows: one forward over the rest of the prompt + the candidates'
       shared token prefix (logits kept only where needed); if some candidate has more than one
       token left, one more forward of those tokens for every candidate through the KV cache.
+    A batch also stops growing before its kept logits (rows × kept positions × vocabulary, float32)
+    pass `max_logits_mb`: long teacher-forced answers (CEM's gold log-likelihood) stay bounded.
     With `group_z` ({name: (G, r)}), row i runs with z = group_z[name][row_group[i]] (the
     per-sample factored path of SVFLinear; `row_group` defaults to one group per row); without
     it, with whatever weights the model has active.
@@ -182,16 +208,18 @@ def continuation_logprobs(model, tokenizer, prompts: Sequence[str],
 
     out_lp: list[list[float]] = [[] for _ in prompts]
     out_n: list[list[int]] = [[] for _ in prompts]
+    # shared token prefix of each prompt's candidates; every candidate keeps >= 1 own token
+    shared: list[list[int]] = []
+    rest: list[list[list[int]]] = []
+    for cands in per_prompt:
+        toks = [cont_ids[c] for c in cands]
+        k = min(_common_prefix(toks), min(len(t) for t in toks) - 1)
+        shared.append(toks[0][:k])
+        rest.append([t[k:] for t in toks])
     order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))  # little padding per batch
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        # shared token prefix of each prompt's candidates; every candidate keeps >= 1 own token
-        prefixes, suffixes = [], []
-        for i in idx:
-            toks = [cont_ids[c] for c in per_prompt[i]]
-            k = min(_common_prefix(toks), min(len(t) for t in toks) - 1)
-            prefixes.append(toks[0][:k])
-            suffixes.append([t[k:] for t in toks])
+    for idx in _logit_batches(order, [len(p) + 1 for p in shared], batch_size,
+                              model.get_output_embeddings().weight.shape[0], max_logits_mb):
+        prefixes, suffixes = [shared[i] for i in idx], [rest[i] for i in idx]
         rows = [prompt_ids[i][C:] + pre for i, pre in zip(idx, prefixes)]
         L = max(len(r) for r in rows)
         ids = torch.full((len(rows), L), pad, dtype=torch.long)
@@ -213,15 +241,18 @@ def continuation_logprobs(model, tokenizer, prompts: Sequence[str],
             cache = DynamicCache(ddp_cache_data=[(k.index_select(0, sel), v.index_select(0, sel)) for k, v in prefix])
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                     use_cache=multi or cache is not None, logits_to_keep=keep)
-        logp = torch.log_softmax(out.logits[:, -keep:].float(), dim=-1)  # position t predicts token t+1
-        last = logp[:, -1]  # predicts each candidate's first own token
+        logits = out.logits[:, -keep:]  # position t predicts token t+1
+        lse = _logsumexp_rows(logits)
         base = []
         for b, pre in enumerate(prefixes):
             lp = 0.0
             for j, tok in enumerate(pre):  # pre[j] is predicted by kept position keep-1-len(pre)+j
-                lp += float(logp[b, keep - 1 - len(pre) + j, tok])
+                t = keep - 1 - len(pre) + j
+                lp += float(logits[b, t, tok]) - float(lse[b, t])
             base.append(lp)
-        scores = [[base[b] + float(last[b, s[0]]) for s in cands] for b, cands in enumerate(suffixes)]
+        # the last kept position predicts each candidate's first own token
+        scores = [[base[b] + float(logits[b, -1, s[0]]) - float(lse[b, -1]) for s in cands]
+                  for b, cands in enumerate(suffixes)]
         if multi:  # the remaining tokens of every candidate, through the KV cache
             flat = [(b, j, s) for b, cands in enumerate(suffixes) for j, s in enumerate(cands)]
             S = max(len(s) for _, _, s in flat) - 1
@@ -238,10 +269,10 @@ def continuation_logprobs(model, tokenizer, prompts: Sequence[str],
                 set_row_z(model, group_z, gidx[rep.cpu()])
             out2 = model(input_ids=ext.to(device), attention_mask=ext_mask, position_ids=ext_pos,
                          past_key_values=cache, use_cache=True)
-            logp2 = torch.log_softmax(out2.logits.float(), dim=-1)
+            lse2 = _logsumexp_rows(out2.logits)
             for n, (b, j, s) in enumerate(flat):
                 for t in range(1, len(s)):
-                    scores[b][j] += float(logp2[n, t - 1, s[t]])
+                    scores[b][j] += float(out2.logits[n, t - 1, s[t]]) - float(lse2[n, t - 1])
             del out2
         del out, cache
         for b, i in enumerate(idx):
