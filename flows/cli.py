@@ -38,16 +38,15 @@ def _parser() -> argparse.ArgumentParser:
             ("train-expert", "train one SVF expert with REINFORCE (stage `expert`)", "training task, e.g. gsm8k"),
             ("train-lora", "train one LoRA baseline with PEFT (stage `lora`)", "training task, e.g. gsm8k"),
             ("classifier", "train the classification expert z_c and measure dispatch accuracy (stage "
-                           "`classifier`)", None)):
+                           "`classifier`)", None),
+            ("cem", "few-shot CEM: the expert mix for one unseen task (stage `cem`)",
+             "a task in cem.tasks, e.g. math, humaneval, arc_challenge")):
         s = sub.add_parser(name, help=text, description=text)
         if task_help:
             s.add_argument("--task", required=True, help=task_help)
         s.add_argument("--params", default="params.yaml")
         s.add_argument("--resume", action="store_true",
                        help="continue from the run's checkpoint if one of the same config exists")
-    s = sub.add_parser("cem", help="few-shot CEM: the expert mix for one unseen task (stage `cem`)")
-    s.add_argument("--task", required=True, help="a task in cem.tasks, e.g. math, humaneval, arc_challenge")
-    s.add_argument("--params", default="params.yaml")
     s = sub.add_parser("eval", help="one cell of the evaluation matrix through lm-eval (stages eval-*)")
     s.add_argument("--kind", required=True, choices=("base", "svf", "lora", "prompt", "classifier", "few_shot"),
                    help="base model; base + the task's SVF expert / LoRA adapter; or a two-pass strategy over "
@@ -130,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.task not in params.cem.tasks:
                 return _fail(f"--task {args.task!r} is not in cem.tasks {params.cem.tasks}")
-            cem_flow(task=args.task, params_path=args.params)
+            cem_flow(task=args.task, params_path=args.params, resume=args.resume)
         elif args.command == "eval":
             from .stages import eval_flow
 

@@ -73,12 +73,13 @@ def classifier_flow(params_path: str = str(layout.PARAMS), resume: bool = False)
 
 
 @flow(name="cem", flow_run_name="cem-{task}")
-def cem_flow(task: str, params_path: str = str(layout.PARAMS)) -> dict:
+def cem_flow(task: str, params_path: str = str(layout.PARAMS), resume: bool = False) -> dict:
     from tasks.cem import cem_task
 
     return cem_task(load_params(params_path), task, str(layout.MODEL_DIR), str(layout.SVD_DIR), str(layout.DATA_DIR),
                     str(layout.EXPERTS_DIR), str(layout.CEM_DIR / task), str(layout.metrics_file(f"cem_{task}")),
-                    str(layout.PLOTS_DIR / f"cem_{task}.csv"))
+                    str(layout.PLOTS_DIR / f"cem_{task}.csv"), run_dir=str(layout.CHECKPOINTS_DIR / f"cem_{task}"),
+                    resume=resume)
 
 
 @flow(name="eval", flow_run_name="eval-{kind}-{task}")

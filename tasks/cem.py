@@ -28,8 +28,10 @@ def load_task_experts(experts_dir: str, tasks: list[str]) -> dict[str, Expert]:
 
 @task(name="few-shot-cem", cache_policy=NO_CACHE)
 def cem_task(params: Params, task_name: str, model_dir: str, svd_dir: str, data_dir: str, experts_dir: str,
-             out_dir: str, metrics_path: str, curve_path: str) -> dict:
-    """α of z' = Σ α_k z_k for `task_name` by CEM on `cem.shots` labelled docs that its evaluation never sees."""
+             out_dir: str, metrics_path: str, curve_path: str, run_dir: str | None = None,
+             resume: bool = False) -> dict:
+    """α of z' = Σ α_k z_k for `task_name` by CEM on `cem.shots` labelled docs that its evaluation never sees;
+    checkpointed every generation in `run_dir` so that `resume` continues a killed search."""
     log = get_run_logger()
     cfg = params.cem.for_task(task_name)
     svf = SVFConfig(**params.svf.model_dump())
@@ -54,7 +56,8 @@ def cem_task(params: Params, task_name: str, model_dir: str, svd_dir: str, data_
                                     if k != "generation" and isinstance(v, (int, float))}, step=record["generation"])
 
             result = few_shot_cem(model, tokenizer, experts, task_name, shots, config, method=cfg.method,
-                                  batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, progress=progress)
+                                  batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, progress=progress,
+                                  run_dir=run_dir, resume=resume)
             bar.close()
             result.save(out_dir)
         position = {id(d): i for i, d in enumerate(pool)}
@@ -64,6 +67,7 @@ def cem_task(params: Params, task_name: str, model_dir: str, svd_dir: str, data_
                    "population": cfg.population, "generations": cfg.generations, "per_matrix": cfg.per_matrix,
                    "method": cfg.method, "accuracy": result.accuracy, "loglik": result.loglik,
                    "alpha": result.alpha if not cfg.per_matrix else None, "search_seconds": result.seconds,
+                   "resumed_from_generation": result.resumed_from,
                    **resource_metrics(t["seconds"])}
         record_metrics(metrics_path, metrics)
         mlflow.log_artifacts(out_dir, artifact_path="cem")

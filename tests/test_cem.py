@@ -90,6 +90,93 @@ def test_ties_in_accuracy_are_broken_by_loglik():
     assert f.order() == [1, 0, 2]
 
 
+class _Killed(Exception):
+    pass
+
+
+def _kill_at(generation):
+    def progress(record):
+        if record["generation"] == generation:
+            raise _Killed  # after the checkpoint of that generation, as a SIGKILL would find it
+    return progress
+
+
+def _without_seconds(history):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+
+def test_interrupted_search_resumes_to_the_uninterrupted_result(tmp_path):
+    target = torch.tensor([0.2, 0.7, 0.4])
+    cfg = CEMConfig(population=8, generations=6, seed=2)
+    clean = cem_search(_distance_fitness(target), (3,), cfg)
+    with pytest.raises(_Killed):
+        cem_search(_distance_fitness(target), (3,), cfg, _kill_at(2), run_dir=tmp_path, run_id="r")
+    resumed = cem_search(_distance_fitness(target), (3,), cfg, run_dir=tmp_path, resume=True, run_id="r")
+    assert resumed.resumed_from == 3 and clean.resumed_from == 0
+    assert torch.equal(resumed.best_alpha, clean.best_alpha) and resumed.best_key == clean.best_key
+    assert _without_seconds(resumed.history) == _without_seconds(clean.history)
+    assert resumed.seconds >= sum(r["seconds"] for r in resumed.history[:3])
+    # a finished run's checkpoint resumes to the same result without evaluating anything
+    def never(alphas):
+        raise AssertionError("a finished search evaluated again")
+    done = cem_search(never, (3,), cfg, run_dir=tmp_path, resume=True, run_id="r")
+    assert done.resumed_from == 6 and torch.equal(done.best_alpha, clean.best_alpha)
+
+
+@pytest.mark.parametrize("change", ["run_id", "config"])
+def test_checkpoint_of_another_run_is_not_resumed(tmp_path, change, capsys):
+    target = torch.tensor([0.2, 0.7, 0.4])
+    cfg = CEMConfig(population=8, generations=4, seed=2)
+    with pytest.raises(_Killed):
+        cem_search(_distance_fitness(target), (3,), cfg, _kill_at(1), run_dir=tmp_path, run_id="r")
+    other = CEMConfig(population=8, generations=4, seed=3) if change == "config" else cfg
+    run_id = "other" if change == "run_id" else "r"
+    fresh = cem_search(_distance_fitness(target), (3,), other, run_dir=tmp_path, resume=True, run_id=run_id)
+    assert fresh.resumed_from == 0 and len(fresh.history) == 4
+    assert "belongs to a different CEM run" in capsys.readouterr().out
+
+
+KILL_SCRIPT = """
+import os, signal, sys, torch
+from transformer2.cem import CEMConfig, Fitness, cem_search
+
+kill_at, run_dir, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+target = torch.tensor([0.2, 0.7, 0.4])
+def evaluate(alphas):
+    d = ((alphas - target) ** 2).sum(1)
+    return Fitness(accuracy=-d, loglik=torch.zeros_like(d))
+def progress(record):
+    if record["generation"] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+cem = cem_search(evaluate, (3,), CEMConfig(population=8, generations=5, seed=4), progress, run_dir=run_dir,
+                 resume=True, run_id="kill")
+torch.save({"alpha": cem.best_alpha, "history": cem.history, "resumed_from": cem.resumed_from}, out)
+"""
+
+
+def test_sigkill_then_resume_matches_uninterrupted_search(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    script = tmp_path / "search.py"
+    script.write_text(KILL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = lambda kill_at, name: subprocess.run(  # noqa: E731
+        [sys.executable, str(script), str(kill_at), str(tmp_path / name), str(tmp_path / f"{name}.pt")],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert run(-1, "clean").returncode == 0
+    assert run(2, "killed").returncode == -signal.SIGKILL and not (tmp_path / "killed.pt").exists()
+    resumed = run(-1, "killed")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = torch.load(tmp_path / "clean.pt"), torch.load(tmp_path / "killed.pt")
+    assert a["resumed_from"] == 0 and b["resumed_from"] == 3
+    assert torch.equal(a["alpha"], b["alpha"]) and _without_seconds(a["history"]) == _without_seconds(b["history"])
+
+
 # ---------------------------------------------------------------- per-sample mixed z
 
 def test_population_z_is_mix_experts_row_by_row(tiny):
@@ -150,6 +237,27 @@ def test_batched_population_fitness_equals_naive_loop(tiny, task, shots, monkeyp
                                                                             for t in texts[i]]
         assert len(set(texts[0])) > 1 and 0 < float(batched.accuracy.mean()) < 1
     assert all(layer.z is None for layer in svf_layers(model).values())  # state restored
+
+
+def test_few_shot_cem_resumes_only_its_own_run(tiny, tmp_path):
+    """The checkpoint names experts, shots and decoding settings: other ones start afresh."""
+    model, tokenizer, experts = tiny
+    named = {f"e{k}": e for k, e in enumerate(experts)}
+    cfg = CEMConfig(population=4, generations=3, seed=1)
+    clean = few_shot_cem(model, tokenizer, named, "arc_challenge", ARC[:2], cfg, batch_size=8)
+    with pytest.raises(_Killed):
+        few_shot_cem(model, tokenizer, named, "arc_challenge", ARC[:2], cfg, batch_size=8,
+                     progress=_kill_at(0), run_dir=tmp_path)
+    resumed = few_shot_cem(model, tokenizer, named, "arc_challenge", ARC[:2], cfg, batch_size=8, run_dir=tmp_path,
+                           resume=True)
+    assert resumed.resumed_from == 1 and resumed.alpha == clean.alpha
+    assert _without_seconds(resumed.history) == _without_seconds(clean.history)
+    other_shots = few_shot_cem(model, tokenizer, named, "arc_challenge", ARC[1:], cfg, batch_size=8,
+                               run_dir=tmp_path, resume=True)
+    swapped = dict(reversed(list(named.items())))
+    other_experts = few_shot_cem(model, tokenizer, swapped, "arc_challenge", ARC[:2], cfg, batch_size=8,
+                                 run_dir=tmp_path, resume=True)
+    assert other_shots.resumed_from == 0 and other_experts.resumed_from == 0
 
 
 def test_few_shot_cem_result_roundtrip_and_mixed_expert(tiny, tmp_path):

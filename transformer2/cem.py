@@ -18,6 +18,10 @@ Elites are taken by the same order (accuracy, then log-likelihood).
 - generation tasks: greedy answer to the chat prompt scored by the task's scorer; the gold
   log-likelihood is that of `prompts.reference_answer` (teacher-forced).
 
+Resume: with a `run_dir`, the search state (mean, std, generator, best so far, history) is
+checkpointed after every generation; a run killed with SIGKILL and started again with
+`resume=True` continues at the next generation and ends with the same α as an uninterrupted run.
+
 Evaluation of a population, two ways that give the same fitness:
 - `batched`: every (candidate, shot) pair is a row of one batch with its own z (the per-sample
   factored path of SVFLinear, z of shape (B, r)): no weight rebuild at all;
@@ -42,6 +46,7 @@ from .svf import Expert, mix_experts, set_expert
 MULTIPLE_CHOICE_TASKS = ("arc_easy", "arc_challenge")
 METHODS = ("batched", "naive")
 CEM_RESULT = "cem.json"
+CHECKPOINT = "cem_checkpoint.pt"
 ALPHA_WEIGHTS = "alpha.safetensors"  # the same α as a tensor, for tools that read only weights
 
 
@@ -93,6 +98,20 @@ class CEM:
         self.best_alpha: Optional[torch.Tensor] = None
         self.best_key: tuple[float, float] = (-math.inf, -math.inf)
         self.history: list[dict] = []
+        self.seconds = 0.0  # search time over every run that contributed (resumes included)
+        self.resumed_from = 0  # generations restored from a checkpoint
+
+    def state(self) -> dict:
+        return {"mean": self.mean, "std": self.std, "generator": self.generator.get_state(),
+                "best_alpha": self.best_alpha, "best_key": self.best_key, "history": self.history,
+                "seconds": self.seconds}
+
+    def load_state(self, state: dict) -> None:
+        self.mean, self.std = state["mean"], state["std"]
+        self.generator.set_state(state["generator"])
+        self.best_alpha, self.best_key = state["best_alpha"], tuple(state["best_key"])
+        self.history, self.seconds = list(state["history"]), float(state["seconds"])
+        self.resumed_from = len(self.history)
 
     def ask(self) -> torch.Tensor:
         """The next population, (P, *shape), clamped to [0, 1]."""
@@ -127,14 +146,34 @@ class CEM:
 
 
 def cem_search(evaluate: Callable[[torch.Tensor], Fitness], shape: Sequence[int], config: CEMConfig,
-               progress: Optional[Callable[[dict], None]] = None) -> CEM:
-    """Run `config.generations` generations of CEM with `evaluate(alphas (P, *shape)) -> Fitness`."""
+               progress: Optional[Callable[[dict], None]] = None, *, run_dir: str | Path | None = None,
+               resume: bool = False, run_id: str = "") -> CEM:
+    """Run `config.generations` generations of CEM with `evaluate(alphas (P, *shape)) -> Fitness`.
+
+    With `run_dir`, a checkpoint is written after every generation; `resume` continues from it
+    when it belongs to the same run (`config`, `shape` and `run_id`: what else the fitness
+    depends on), and starts afresh otherwise.
+    """
+    from .training import run_fingerprint, save_checkpoint
+
     cem = CEM(shape, config)
-    for _ in range(config.generations):
+    ckpt = Path(run_dir) / CHECKPOINT if run_dir is not None else None
+    identity = run_fingerprint({**asdict(config), "shape": list(shape), "run_id": run_id})
+    if resume and ckpt is not None and ckpt.exists():
+        saved = torch.load(ckpt, weights_only=False)
+        if saved.get("identity") == identity:
+            cem.load_state(saved["cem"])
+        else:
+            print(f"note: {ckpt} belongs to a different CEM run; starting afresh")
+    while len(cem.history) < config.generations:
         alphas = cem.ask()
         t = time.perf_counter()
         fitness = evaluate(alphas)
-        record = cem.tell(alphas, fitness, time.perf_counter() - t)
+        seconds = time.perf_counter() - t
+        record = cem.tell(alphas, fitness, seconds)
+        cem.seconds += seconds
+        if ckpt is not None:
+            save_checkpoint(ckpt, {"identity": identity, "cem": cem.state()})
         if progress:
             progress(record)
     return cem
@@ -285,6 +324,7 @@ class CEMResult:
     seconds: float = 0.0
     config: dict = field(default_factory=dict)
     method: str = "batched"
+    resumed_from: int = 0  # generations restored from a checkpoint of a killed run
 
     def mixed(self, experts: Mapping[str, Expert]) -> Expert:
         missing = sorted(set(self.keys) - set(experts))
@@ -322,25 +362,45 @@ class CEMResult:
         return cls(**json.loads(path.read_text()))
 
 
+def _run_id(experts: Sequence[Expert], keys: Sequence[str], task: str, shots: Sequence[dict], method: str,
+            max_new_tokens: int) -> str:
+    """Everything the fitness depends on besides the CEM config: a checkpoint of other experts,
+    shots or decoding settings is never resumed."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps([task, list(keys), method, max_new_tokens, list(shots)], sort_keys=True,
+                                  default=str).encode())
+    for expert in experts:
+        h.update(expert.base_fingerprint.encode())
+        for name in sorted(expert.vectors):
+            h.update(name.encode())
+            h.update(expert.vectors[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def few_shot_cem(model, tokenizer, experts: Mapping[str, Expert], task: str, shots: Sequence[dict],
                  config: CEMConfig, *, method: str = "batched", batch_size: int = 16, max_new_tokens: int = 128,
-                 progress: Optional[Callable[[dict], None]] = None) -> CEMResult:
-    """CEM over α for the named experts (in mapping order) on the labelled `shots` of `task`."""
+                 progress: Optional[Callable[[dict], None]] = None, run_dir: str | Path | None = None,
+                 resume: bool = False) -> CEMResult:
+    """CEM over α for the named experts (in mapping order) on the labelled `shots` of `task`.
+
+    `run_dir`/`resume`: checkpoint every generation and continue a killed search (`cem_search`).
+    """
     if not experts:
         raise CEMError("few-shot CEM needs at least one expert")
     keys = list(experts)
     ordered = [experts[k] for k in keys]
-    t = time.perf_counter()
 
     def evaluate(alphas: torch.Tensor) -> Fitness:
         return population_fitness(model, tokenizer, ordered, task, shots, alphas, method=method,
                                   batch_size=batch_size, max_new_tokens=max_new_tokens)
 
-    cem = cem_search(evaluate, alpha_shape(ordered, config.per_matrix), config, progress)
+    cem = cem_search(evaluate, alpha_shape(ordered, config.per_matrix), config, progress, run_dir=run_dir,
+                     resume=resume, run_id=_run_id(ordered, keys, task, shots, method, max_new_tokens))
     assert cem.best_alpha is not None
     return CEMResult(alpha=cem.best_alpha.tolist(), keys=keys, accuracy=cem.best_key[0], loglik=cem.best_key[1],
-                     history=cem.history, task=task, shots=len(shots), seconds=round(time.perf_counter() - t, 3),
-                     config=asdict(config), method=method)
+                     history=cem.history, task=task, shots=len(shots), seconds=round(cem.seconds, 3),
+                     config=asdict(config), method=method, resumed_from=cem.resumed_from)
 
 
 class FewShotStrategy:

@@ -49,8 +49,7 @@ class LoopConfig:
 
     def fingerprint(self, extra: dict | None = None) -> str:
         """Identifies the run: resuming under a different config would silently mix two runs."""
-        return hashlib.sha256(json.dumps({**asdict(self), **(extra or {})}, sort_keys=True,
-                                         default=str).encode()).hexdigest()[:16]
+        return run_fingerprint({**asdict(self), **(extra or {})})
 
 
 @dataclass
@@ -109,7 +108,13 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_checkpoint(path: Path, payload: dict) -> None:
+def run_fingerprint(identity: dict) -> str:
+    """A short stable hash of what a resumable run depends on (JSON-able values)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """torch.save to a temporary name, fsync, rename: a kill at any moment leaves the old or the new file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
@@ -173,7 +178,7 @@ def fit(adapter: Adapter, objective: Objective, validate: Validate, train_docs: 
                 best = {"step": step, "val_accuracy": acc, "state": adapter.state()}
         history.append(metrics)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            _save_checkpoint(ckpt_path, {
+            save_checkpoint(ckpt_path, {
                 "identity": identity, "step": step, "adapter": adapter.state(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "rng": _rng_state(), "history": history,
                 "validations": validations, "best": best, "base_val_accuracy": base_acc})
