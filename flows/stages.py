@@ -101,7 +101,8 @@ def eval_flow(kind: str, task: str, params_path: str = str(layout.PARAMS)) -> di
         adapter = {"svf": layout.EXPERTS_DIR / task, "lora": layout.LORA_DIR / task}.get(kind)
         args = model_args(kind, str(layout.MODEL_DIR), str(layout.SVD_DIR), str(adapter) if adapter else None)
     return evaluate_cell_task(params, kind, task, args, str(layout.DATA_DIR), str(layout.EVAL_DIR / f"{kind}_{task}"),
-                              str(layout.metrics_file(f"eval_{kind}_{task}")), extra)
+                              str(layout.metrics_file(f"eval_{kind}_{task}")), extra,
+                              run_dir=str(layout.CHECKPOINTS_DIR / f"eval_{kind}_{task}"))
 
 
 @flow(name="report")

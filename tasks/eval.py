@@ -7,7 +7,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from transformer2.config import Params
-from transformer2.harness import evaluate_task
+from transformer2.harness import cache_files, evaluate_task
 from transformer2.runtime import resource_metrics, timed
 
 from .tracking import record_metrics, stage_run, write_json
@@ -65,13 +65,47 @@ def adaptation_metrics(adaptation: dict) -> dict:
             "per_key": adaptation.get("per_key", {})}
 
 
+def _input_files(args: dict) -> list[Path]:
+    """The files a cell's responses depend on besides its settings: model and SVD identity, adapters, mixes."""
+    strategy_args = args.get("strategy_args") or {}
+    folders = [args.get("expert"), args.get("peft"), *(args.get("experts") or {}).values(), strategy_args.get("result")]
+    files = [Path(args["pretrained"]) / "model.json"] + ([Path(args["svd"]) / "index.json"] if args.get("svd") else [])
+    for folder in filter(None, folders):
+        folder = Path(folder)
+        files += sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else [folder]
+    return files
+
+
+def response_cache(run_dir: str, kind: str, task_name: str, args: dict, settings: dict) -> Path:
+    """Where a cell caches lm-eval's responses: named by everything they depend on, so a rerun after
+    a kill reuses them and a changed cell never does; caches of other configs are removed."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps([kind, task_name, args, settings], sort_keys=True, default=str).encode())
+    for path in _input_files(args):
+        h.update(str(path).encode())
+        h.update(path.read_bytes() if path.is_file() else b"missing")
+    cache = Path(run_dir) / f"responses_{h.hexdigest()[:16]}"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    for stale in set(cache.parent.glob("responses_*")) - set(cache_files(cache)):
+        stale.unlink()
+    return cache
+
+
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_cell_task(params: Params, kind: str, task_name: str, args: dict, data_dir: str, out_dir: str,
-                       metrics_path: str, extra: dict | None = None) -> dict:
+                       metrics_path: str, extra: dict | None = None, run_dir: str | None = None) -> dict:
     """One cell of the evaluation matrix through lm-eval (`args`: the `transformer2` model's
-    model_args); results and per-sample outputs kept, first/second pass times recorded."""
+    model_args); results and per-sample outputs kept, first/second pass times recorded.
+
+    With `run_dir`, responses are cached there as they are computed (a killed cell resumes) and
+    the cache is removed once the cell's results are written."""
     log = get_run_logger()
     ev = params.eval.for_task(task_name)
+    cache = None
+    if run_dir is not None:
+        cache = response_cache(run_dir, kind, task_name, args, {"eval": ev.model_dump(), "model": params.model.model_dump(),
+                                                                "seed": params.seed})
     with stage_run(params, "eval", sections=("eval",), task=task_name, kind=kind):
         with timed() as t:
             out = evaluate_task(args, task_name,
@@ -79,7 +113,8 @@ def evaluate_cell_task(params: Params, kind: str, task_name: str, args: dict, da
                                 batch_size=ev.batch_size, num_fewshot=ev.num_fewshot,
                                 apply_chat_template=ev.apply_chat_template,
                                 gen_kwargs={"max_gen_toks": ev.max_gen_toks} if ev.max_gen_toks else None,
-                                device=params.model.device, dtype=params.model.dtype, seed=params.seed)
+                                device=params.model.device, dtype=params.model.dtype, seed=params.seed,
+                                response_cache=cache)
         out_path = Path(out_dir)
         write_json(out_path / "results.json", {"results": out["results"], "adaptation": out["adaptation"],
                                                "n_samples": out["n_samples"]})
@@ -92,7 +127,9 @@ def evaluate_cell_task(params: Params, kind: str, task_name: str, args: dict, da
         metrics = {"kind": kind, "task": task_name, "lm_eval_task": out["task"], "style": ev.style,
                    "limit": ev.limit, "n_docs": n_docs, "metric": out["headline"]["metric"], "value": out["headline"]["value"],
                    "metrics": out["metrics"], **adaptation_metrics(out["adaptation"]), **(extra or {}),
-                   **resource_metrics(t["seconds"])}
+                   "resumed_responses": out["cached_responses"], **resource_metrics(t["seconds"])}
         record_metrics(metrics_path, metrics)
+        for db in cache_files(cache) if cache is not None else []:
+            db.unlink()  # results are written: a later rerun (dvc repro -f) recomputes and re-times everything
         log.info(f"{kind} on {task_name}: {out['headline']['metric']} = {out['headline']['value']:.4f}")
     return metrics

@@ -1,7 +1,7 @@
 """How an evaluation cell is described to lm-eval (tasks/eval.py): one-pass kinds and the two-pass strategies."""
 import pytest
 
-from tasks.eval import adaptation_metrics, model_args, strategy_model_args
+from tasks.eval import adaptation_metrics, model_args, response_cache, strategy_model_args
 from transformer2.config import parse_params
 
 
@@ -32,3 +32,22 @@ def test_adaptation_metrics():
     assert adaptation_metrics({}) == {}
     m = adaptation_metrics({"first_pass_s": 1.0, "second_pass_s": 20.0, "per_key": {"gsm8k": 3}})
     assert m["first_to_second"] == 0.05 and m["per_key"] == {"gsm8k": 3}
+
+
+def test_response_cache_is_named_by_settings_and_input_files(tmp_path):
+    """A killed cell resumes from its own responses only: other settings or retrained adapters get another cache,
+    and caches of other configs are removed."""
+    model, expert = tmp_path / "model", tmp_path / "expert"
+    model.mkdir(), expert.mkdir()
+    (model / "model.json").write_text('{"fingerprint": "a"}')
+    (expert / "expert.safetensors").write_bytes(b"z1")
+    args = model_args("svf", str(model), str(tmp_path / "svd"), str(expert))
+    run_dir = tmp_path / "run"
+    cache = response_cache(str(run_dir), "svf", "gsm8k", args, {"limit": 10})
+    (run_dir / f"{cache.name}_rank0.db").write_bytes(b"")
+    assert response_cache(str(run_dir), "svf", "gsm8k", args, {"limit": 10}) == cache
+    assert (run_dir / f"{cache.name}_rank0.db").exists()
+    assert response_cache(str(run_dir), "svf", "gsm8k", args, {"limit": 20}) != cache
+    assert not (run_dir / f"{cache.name}_rank0.db").exists()  # stale: removed
+    (expert / "expert.safetensors").write_bytes(b"z2")  # the expert was retrained
+    assert response_cache(str(run_dir), "svf", "gsm8k", args, {"limit": 10}) != cache

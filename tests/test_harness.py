@@ -260,3 +260,26 @@ def test_peft_adapter_still_works(setup, tmp_path):
     base = Transformer2LM(pretrained=setup["model"], device="cpu").loglikelihood(reqs)
     adapted = Transformer2LM(pretrained=setup["model"], peft=str(tmp_path / "lora"), device="cpu").loglikelihood(reqs)
     assert abs(base[0][0] - adapted[0][0]) > 1e-4
+
+
+# ---------------------------------------------------------------- resuming a killed cell
+
+@pytest.mark.parametrize("task", ["arc_easy", "gsm8k"])  # loglikelihood and generate_until requests
+def test_response_cache_resumes_a_cell_with_the_same_results(setup, mirror, tmp_path, task):
+    from sqlitedict import SqliteDict
+
+    args = {"pretrained": setup["model"], "svd": setup["svd"], "expert": setup["math"]}
+    run = lambda: harness.evaluate_task(args, task, data_root=mirror, limit=3, batch_size=4,  # noqa: E731
+                                        gen_kwargs={"max_gen_toks": 4}, response_cache=tmp_path / "responses")
+    first = run()
+    requests = first["adaptation"]["requests"]
+    assert first["cached_responses"] == 0 and requests >= 3
+    [db] = harness.cache_files(tmp_path / "responses")
+    with SqliteDict(str(db), autocommit=True) as responses:  # a kill after all but two responses
+        assert len(responses) == requests
+        for key in list(responses)[:2]:
+            del responses[key]
+    resumed = run()
+    assert resumed["cached_responses"] == requests - 2 and resumed["adaptation"]["requests"] == 2
+    assert resumed["metrics"] == first["metrics"]
+    assert resumed["samples"] == first["samples"]

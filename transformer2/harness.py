@@ -619,16 +619,22 @@ def lm_eval_task_name(task: str, style: str) -> str:
 def evaluate_task(model_args: Mapping[str, Any], task: str, *, data_root: Optional[Path], style: str = "harness",
                   limit: Optional[int] = None, batch_size: int = 8, num_fewshot: Optional[int] = None,
                   apply_chat_template: bool = False, gen_kwargs: Optional[dict] = None,
-                  device: str = "cpu", dtype: str = "float32", seed: int = 0) -> dict:
+                  device: str = "cpu", dtype: str = "float32", seed: int = 0,
+                  response_cache: str | Path | None = None) -> dict:
     """Run one (model, task) cell through lm-eval's `simple_evaluate` with the `transformer2` model.
 
+    `response_cache`: lm-eval's sqlite cache of model responses (written as they are computed),
+    so a killed cell rerun with the same cache only computes what is missing. The caller owns
+    its identity: responses are keyed by request alone, not by model.
     Returns {"metrics": {name: value}, "headline": (name, value), "results": lm-eval's results
-    dict (JSON-ready), "samples": per-sample outputs, "adaptation": first/second pass stats}.
+    dict (JSON-ready), "samples": per-sample outputs, "adaptation": first/second pass stats
+    of the requests computed in this run, "cached_responses": responses found in the cache}.
     """
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     name = lm_eval_task_name(task, style)
+    cached = cached_responses(response_cache) if response_cache is not None else 0
     with tempfile.TemporaryDirectory(prefix="t2-tasks-") as tmp:
         include = task_config_dir(data_root, Path(tmp), style=style)
         manager = TaskManager(include_path=str(include), include_defaults=True)
@@ -636,7 +642,8 @@ def evaluate_task(model_args: Mapping[str, Any], task: str, *, data_root: Option
             model="transformer2", model_args={"device": device, "dtype": dtype, **model_args}, tasks=[name], limit=limit, batch_size=batch_size,
             num_fewshot=num_fewshot, apply_chat_template=apply_chat_template, gen_kwargs=gen_kwargs,
             task_manager=manager, log_samples=True, random_seed=seed, numpy_random_seed=seed,
-            torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=0)
+            torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=0,
+            use_cache=str(response_cache) if response_cache is not None else None)
     results = json.loads(json.dumps(out["results"], default=str))
     metrics = {k: v for k, v in results.get(name, {}).items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and "_stderr" not in k}
@@ -647,7 +654,23 @@ def evaluate_task(model_args: Mapping[str, Any], task: str, *, data_root: Option
     adaptation = out.get("config", {}).get("transformer2", {})
     return {"task": name, "metrics": metrics, "headline": {"metric": key, "value": metrics[key]},
             "results": results, "samples": samples, "adaptation": adaptation,
-            "n_samples": out.get("n-samples", {}).get(name, {})}
+            "n_samples": out.get("n-samples", {}).get(name, {}), "cached_responses": cached}
+
+
+def cache_files(response_cache: str | Path) -> list[Path]:
+    """The sqlite files lm-eval writes for `use_cache=response_cache` (one per rank)."""
+    base = Path(response_cache)
+    return sorted(base.parent.glob(base.name + "_rank*.db"))
+
+
+def cached_responses(response_cache: str | Path) -> int:
+    from sqlitedict import SqliteDict
+
+    total = 0
+    for db in cache_files(response_cache):
+        with SqliteDict(str(db), flag="r") as responses:
+            total += len(responses)
+    return total
 
 
 # ---------------------------------------------------------------- CLI
