@@ -47,3 +47,27 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("model")
     prepare_model("builtin:tiny-random-llama", out)
     return out
+
+
+def saved_random_experts(model_dir: Path, root: Path, seeds: dict[str, int],
+                         fingerprints: dict[str, str] | None = None) -> dict:
+    """SVD cache of a prepared tiny model under `root` and one seeded random expert per name
+    (z = 3·N(0, 1): far from the identity, so switching experts visibly changes outputs),
+    saved to root/<name>; `fingerprints` overrides an expert's base (an expert of another model)."""
+    import torch
+
+    from transformer2.models import load_base
+    from transformer2.svd import decompose
+    from transformer2.svf import Expert, SVFConfig, find_targets
+
+    model, _, info = load_base(model_dir)
+    names = find_targets(model, "mlp")
+    decompose(model, names, root / "svd", info.fingerprint)
+    ranks = {n: min(m.weight.shape) for n, m in model.named_modules() if n in names}
+    folders = {}
+    for name, seed in seeds.items():
+        g = torch.Generator().manual_seed(seed)
+        Expert({n: 3.0 * torch.randn(r, generator=g) for n, r in ranks.items()},
+               (fingerprints or {}).get(name, info.fingerprint), SVFConfig(), {"task": name}).save(root / name)
+        folders[name] = str(root / name)
+    return {"model": str(model_dir), "svd": str(root / "svd"), "experts": folders}

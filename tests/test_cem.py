@@ -11,6 +11,8 @@ from transformer2.models import build_tiny_random, fingerprint
 from transformer2.svd import decompose, load_factors
 from transformer2.svf import Expert, SVFConfig, apply_svf, find_targets, mix_experts, set_expert, svf_layers
 
+from .conftest import saved_random_experts
+
 ARC = [{"id": f"a{i}", "question": q, "choices": {"text": t, "label": lab}, "answerKey": key}
        for i, (q, t, lab, key) in enumerate([
            ("Which is a liquid?", ["rock", "water", "ice"], ["A", "B", "C"], "B"),
@@ -285,23 +287,12 @@ lm_eval = pytest.importorskip("lm_eval")
 
 @pytest.fixture(scope="module")
 def lm_setup(tiny_model_dir, tmp_path_factory):
-    from transformer2.models import load_base
-
     root = tmp_path_factory.mktemp("cem_lm")
-    model, _, info = load_base(tiny_model_dir)
-    names = find_targets(model, "mlp")
-    decompose(model, names, root / "svd", info.fingerprint)
-    shapes = {n: min(m.weight.shape) for n, m in model.named_modules() if n in names}
-    folders = {}
-    for k, name in enumerate(("gsm8k", "mbpp", "arc_easy")):
-        g = torch.Generator().manual_seed(20 + k)
-        Expert({n: 3.0 * torch.randn(r, generator=g) for n, r in shapes.items()}, info.fingerprint, SVFConfig(),
-               {"task": name}).save(root / name)
-        folders[name] = str(root / name)
+    setup = saved_random_experts(tiny_model_dir, root, {"gsm8k": 20, "mbpp": 21, "arc_easy": 22})
     data = root / "data" / "arc_challenge"
     data.mkdir(parents=True)
     (data / "train.jsonl").write_text("".join(json.dumps(d) + "\n" for d in ARC))
-    return {"model": str(tiny_model_dir), "svd": str(root / "svd"), "experts": folders, "data": str(root / "data")}
+    return {**setup, "data": str(root / "data")}
 
 
 def _ll(ctx, cont):

@@ -10,6 +10,8 @@ from transformer2.prompts import CATEGORIES
 from transformer2.svd import decompose, load_factors
 from transformer2.svf import Expert, SVFConfig, apply_svf, find_targets, set_expert, svf_layers
 
+from .conftest import saved_random_experts
+
 QUESTIONS = ["Write a Python function that reverses a list.", "What is 17 * 3?",
              "Which gas do plants absorb?\nOptions:\nA. oxygen\nB. carbon dioxide\n", "Hi"]
 
@@ -199,18 +201,8 @@ lm_eval = pytest.importorskip("lm_eval")
 
 @pytest.fixture(scope="module")
 def lm_setup(tiny_model_dir, tmp_path_factory):
-    from transformer2.models import load_base
-
-    root = tmp_path_factory.mktemp("dispatch_lm")
-    model, _, info = load_base(tiny_model_dir)
-    names = find_targets(model, "mlp")
-    decompose(model, names, root / "svd", info.fingerprint)
-    apply_svf(model, load_factors(root / "svd", info.fingerprint), SVFConfig())
-    folders = {}
-    for i, name in enumerate(("gsm8k", "mbpp", "arc_easy", "classifier")):
-        random_expert(model, info.fingerprint, 10 + i, name).save(root / name)
-        folders[name] = str(root / name)
-    return {"model": str(tiny_model_dir), "svd": str(root / "svd"), "experts": folders}
+    return saved_random_experts(tiny_model_dir, tmp_path_factory.mktemp("dispatch_lm"),
+                                {"gsm8k": 10, "mbpp": 11, "arc_easy": 12, "classifier": 13})
 
 
 def _ll(ctx, cont):

@@ -3,7 +3,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
 
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
@@ -13,33 +12,19 @@ from transformer2 import harness  # noqa: E402
 from transformer2.harness import (HARNESS_TASKS, PAPER_TASKS, HarnessError, RouterStrategy,  # noqa: E402
                                   Transformer2LM, cli_main, keyword_route, read_task_yaml, task_config_dir)
 from transformer2.lm_eval_tasks import code  # noqa: E402
-from transformer2.models import ModelInfo  # noqa: E402
-from transformer2.svd import decompose  # noqa: E402
-from transformer2.svf import Expert, ExpertError, SVFConfig, find_targets  # noqa: E402
+from transformer2.svf import Expert, ExpertError  # noqa: E402
+
+from .conftest import saved_random_experts  # noqa: E402
 
 
 # ---------------------------------------------------------------- fixtures
 
-def _expert(info: ModelInfo, names, shapes, seed: int, fingerprint=None) -> Expert:
-    g = torch.Generator().manual_seed(seed)
-    vectors = {n: 3.0 * torch.randn(min(shapes[n]), generator=g) for n in names}  # far from init: visible
-    return Expert(vectors, fingerprint or info.fingerprint, SVFConfig(), {"task": f"seed{seed}"})
-
-
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, tmp_path_factory):
     """SVD cache of the tiny model and three experts: two of this base, one of another."""
-    from transformer2.models import load_base
-
     root = tmp_path_factory.mktemp("harness")
-    model, _, info = load_base(tiny_model_dir)
-    names = find_targets(model, "mlp")
-    decompose(model, names, root / "svd", info.fingerprint)
-    shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules() if n in names}
-    for name, seed, fp in (("math", 1, None), ("code", 2, None), ("foreign", 3, "0" * 64)):
-        _expert(info, names, shapes, seed, fp).save(root / name)
-    return {"model": str(tiny_model_dir), "svd": str(root / "svd"), "root": root,
-            **{k: str(root / k) for k in ("math", "code", "foreign")}}
+    out = saved_random_experts(tiny_model_dir, root, {"math": 1, "code": 2, "foreign": 3}, {"foreign": "0" * 64})
+    return {"model": out["model"], "svd": out["svd"], "root": root, **out["experts"]}
 
 
 @pytest.fixture(scope="module")
