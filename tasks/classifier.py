@@ -47,7 +47,7 @@ def train_classifier_task(params: Params, model_dir: str, svd_dir: str, data_dir
             expert, result = train_classifier_expert(
                 model, tokenizer, info.fingerprint, svf, train, val, loop_config(cfg, params.seed), objective,
                 run_dir, resume=resume, eval_batch_size=cfg.eval_batch_size, init_seed=params.seed,
-                progress=progress)
+                progress=progress, mode=cfg.train_mode)
             bar.close()
             expert.provenance["mlflow_run_id"] = run.info.run_id
             expert.save(out_dir)
@@ -70,7 +70,7 @@ def train_classifier_task(params: Params, model_dir: str, svd_dir: str, data_dir
                 mlflow.log_artifact(str(png))
                 log.info(f"dispatch {name}: accuracy {out['metrics']['accuracy']:.3f} on {len(heldout)} prompts")
         write_json(Path(out_dir) / "dispatch.json", details)
-        metrics = {"task": "classify", "base_val_accuracy": result.base_val_accuracy,
+        metrics = {"task": "classify", "train_mode": cfg.train_mode, "base_val_accuracy": result.base_val_accuracy,
                    "best_val_accuracy": result.best_val_accuracy, "best_step": result.best_step,
                    "steps": cfg.steps, "train_docs": len(train), "val_docs": len(val),
                    "heldout_docs": len(heldout), "svf_parameters": expert.num_parameters,

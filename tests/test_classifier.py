@@ -97,6 +97,77 @@ def test_train_classifier_expert_runs_the_rl_trainer_on_classify(data_root, tmp_
     assert len(out["pred"]) == 3 and np.array(out["confusion"]).sum() == 3 and out["metrics"]["classifier"]
 
 
+def _patched_tiny(tmp_path):
+    from transformer2.models import build_tiny_random, fingerprint
+    from transformer2.svd import decompose, load_factors
+    from transformer2.svf import SVFConfig, apply_svf, find_targets
+
+    model, tokenizer = build_tiny_random("llama")
+    fp = fingerprint(model)
+    decompose(model, find_targets(model, "mlp"), tmp_path / "svd", fp)
+    apply_svf(model, load_factors(tmp_path / "svd", fp), SVFConfig())
+    return model, tokenizer, fp
+
+
+def test_label_logprobs_match_the_loglik_first_pass(tmp_path):
+    from transformer2.classifier import label_logprobs
+    from transformer2.dispatch import LABEL_CONTINUATIONS, classification_prompts, continuation_logprobs
+
+    model, tokenizer, _ = _patched_tiny(tmp_path)
+    questions = ["What is 2 + 2?", "Write a function that sorts a list of numbers in Python.", "Hi"]
+    scores, mask, _ = label_logprobs(model, tokenizer, questions)
+    want = continuation_logprobs(model, tokenizer, classification_prompts(tokenizer, questions),
+                                 list(LABEL_CONTINUATIONS)).logprob
+    assert scores.shape == (3, len(CATEGORIES))
+    assert scores.detach().tolist() == [pytest.approx(row, abs=1e-4) for row in want]
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_loglik_objective_raises_a_rewarded_label_and_lowers_a_punished_one(tmp_path, right):
+    from transformer2.adapters import SVFAdapter
+    from transformer2.classifier import label_logprobs, loglik_objective
+    from transformer2.svf import SVFConfig, init_expert
+
+    model, tokenizer, fp = _patched_tiny(tmp_path)
+    adapter = SVFAdapter(model, init_expert(model, fp, SVFConfig(), torch.Generator().manual_seed(0)))
+    questions = ["What is 2 + 2?", "Name a mammal."]
+    with torch.no_grad():
+        before = label_logprobs(model, tokenizer, questions)[0]
+    chosen = before.argmax(1)
+    labels = [CATEGORIES[int(c)] if right else CATEGORIES[(int(c) + 1) % len(CATEGORIES)] for c in chosen]
+    metrics = loglik_objective(model, tokenizer, adapter)([{"question": q, "label": lab}
+                                                           for q, lab in zip(questions, labels)])
+    assert metrics["reward"] == (1.0 if right else -1.0)
+    with torch.no_grad():
+        for z in adapter.trainable():
+            z -= 0.05 * z.grad  # one plain gradient step on the loss
+        after = label_logprobs(model, tokenizer, questions)[0]
+    moved = after.gather(1, chosen[:, None]) - before.gather(1, chosen[:, None])
+    assert bool((moved > 0).all()) if right else bool((moved < 0).all())
+
+
+def test_loglik_training_validates_by_loglik_dispatch_accuracy(data_root, tmp_path):
+    from transformer2.errors import UserError
+    from transformer2.rl import RLObjectiveConfig
+    from transformer2.svf import SVFConfig
+    from transformer2.training import LoopConfig
+
+    model, tokenizer, fp = _patched_tiny(tmp_path)
+    train = classifier_docs(data_root, "train", per_class=2)
+    val = classifier_docs(data_root, "validation", per_class=2)
+    expert, result = train_classifier_expert(
+        model, tokenizer, fp, SVFConfig(), train, val, LoopConfig(steps=2, batch_size=3, eval_every=1, lr=0.05),
+        RLObjectiveConfig(kl_coef=0.1, micro_batch_size=2), tmp_path / "run", eval_batch_size=4, mode="loglik")
+    assert expert.provenance["train_mode"] == "loglik" and len(result.history) == 2
+    assert all(-1 <= h["reward"] <= 1 and h["kl"] >= 0 for h in result.history) and result.history[-1]["kl"] > 0
+    base = evaluate_dispatch(model, tokenizer, val, mode="loglik")["metrics"]["accuracy"]
+    best = evaluate_dispatch(model, tokenizer, val, mode="loglik", classifier=expert)["metrics"]["accuracy"]
+    assert result.base_val_accuracy == pytest.approx(base) and result.best_val_accuracy == pytest.approx(best)
+    with pytest.raises(UserError, match="train_mode"):
+        train_classifier_expert(model, tokenizer, fp, SVFConfig(), train, val, LoopConfig(steps=1),
+                                RLObjectiveConfig(), tmp_path / "run2", mode="vote")
+
+
 def test_heldout_docs_come_from_test_splits_with_categories(data_root):
     from transformer2.classifier import heldout_docs, per_source_accuracy
 

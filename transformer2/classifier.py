@@ -8,6 +8,14 @@ from their validation splits. Never a test split, never an unseen task (the refe
 trained on GSM8K test, MBPP and ARC-Challenge test items, which leaks into the ARC-Challenge
 evaluation). There is no "other" class in the data: no expert task supplies one without
 inventing prompts.
+
+Two training modes, matching the two first-pass modes:
+- `generate` (the paper's): the rollout is decoded and scored by its \\boxed{label};
+- `loglik`: the action is the most likely of the four `\\boxed{label}` continuations (no
+  decoding) and REINFORCE raises or lowers its log-probability by the ±1 reward, with the
+  same KL penalty on the label tokens. A small model that never writes \\boxed{label} gets
+  reward −1 on every generate rollout and learns nothing; in loglik mode it has a signal
+  (and the validation accuracy is the loglik dispatch accuracy, the mode it is used in).
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ from .prompts import CATEGORIES, CLASSIFY_TASK, question_text
 
 CLASSIFIER_SOURCES = ("gsm8k", "mbpp", "arc_easy")  # the expert tasks; category from BENCHMARKS
 SPLITS = ("train", "validation")  # what classifier data may be drawn from
+TRAIN_MODES = ("generate", "loglik")
 
 
 class ClassifierDataError(UserError, ValueError):
@@ -83,25 +92,121 @@ def per_source_accuracy(docs: Sequence[dict], pred: Sequence[Optional[str]]) -> 
     return {task: sum(h) / len(h) for task, h in hits.items()}
 
 
+def label_logprobs(model, tokenizer, questions: Sequence[str]):
+    """Summed log-probabilities of the four `\\boxed{label}` continuations after each question's
+    classification prompt, (B, 4) in CATEGORIES order, differentiable; plus the label-token mask
+    and logits, (4B, C) and (4B, C, V), for the KL penalty. Tokenized as
+    `dispatch.continuation_logprobs`; each prompt runs once and its KV cache serves its four labels."""
+    import torch
+
+    from .dispatch import LABEL_CONTINUATIONS, _encode, _pad_id, classification_prompts
+
+    prompts = _encode(tokenizer, classification_prompts(tokenizer, questions))
+    labels = _encode(tokenizer, LABEL_CONTINUATIONS)
+    P, K, L, C = len(prompts), len(labels), max(len(p) for p in prompts), max(len(lab) for lab in labels)
+    pad = _pad_id(tokenizer)
+    device = next(model.parameters()).device
+    ids = torch.full((P, L), pad, dtype=torch.long)
+    mask = torch.zeros((P, L), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, L - len(p):], mask[b, L - len(p):] = torch.tensor(p), 1  # left padding
+    targets = torch.full((P * K, C), pad, dtype=torch.long)
+    target_mask = torch.zeros((P * K, C))
+    for r in range(P * K):
+        lab = labels[r % K]
+        targets[r, :len(lab)], target_mask[r, :len(lab)] = torch.tensor(lab), 1  # right padding: never attended to
+    ids, mask, targets, target_mask = ids.to(device), mask.to(device), targets.to(device), target_mask.to(device)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    rows = torch.arange(P, device=device).repeat_interleave(K)  # row r = prompt r // K, label r % K
+    parts = [out.logits[rows, -1:].float()]  # predicts each label's first token
+    if C > 1:
+        cache = out.past_key_values
+        cache.reorder_cache(rows)
+        ext_mask = torch.cat([mask[rows], torch.ones((P * K, C - 1), dtype=torch.long, device=device)], dim=1)
+        ext_pos = pos[rows, -1:] + 1 + torch.arange(C - 1, device=device)
+        out2 = model(input_ids=targets[:, :-1], attention_mask=ext_mask, position_ids=ext_pos, past_key_values=cache,
+                     use_cache=True)
+        parts.append(out2.logits.float())
+    logits = torch.cat(parts, dim=1)  # (P*K, C, V): position t predicts label token t
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return (logp * target_mask).sum(1).view(P, K), target_mask, logits
+
+
+def loglik_objective(model, tokenizer, adapter, kl_coef: float = 0.0, micro_batch_size: int = 8):
+    """REINFORCE on the loglik first pass: action = argmax label, reward ±1, + λ·KL on its tokens."""
+    import time
+
+    import torch
+
+    from .rl import kl_to_base
+
+    def objective(docs: Sequence[dict]) -> dict:
+        n, reward, kl_sum, t0 = len(docs), 0.0, 0.0, time.perf_counter()
+        for start in range(0, n, micro_batch_size):
+            chunk = docs[start:start + micro_batch_size]
+            scores, target_mask, logits = label_logprobs(model, tokenizer, [d["question"] for d in chunk])
+            action = scores.argmax(1)
+            rewards = torch.tensor([1.0 if CATEGORIES[a] == d["label"] else -1.0 for a, d in zip(action.tolist(), chunk)],
+                                   device=scores.device)
+            loss = -(scores.gather(1, action[:, None]).squeeze(1) * rewards).sum() / n
+            kl = torch.zeros(())
+            if kl_coef > 0:
+                with torch.no_grad(), adapter.disabled():
+                    _, _, base_logits = label_logprobs(model, tokenizer, [d["question"] for d in chunk])
+                rows = action + torch.arange(len(chunk), device=action.device) * len(CATEGORIES)  # the chosen labels
+                kl = kl_to_base(logits[rows], base_logits[rows], target_mask[rows])
+                loss = loss + kl_coef * kl * (len(chunk) / n)
+            loss.backward()
+            reward += float(rewards.sum())
+            kl_sum += float(kl.detach()) * len(chunk)
+        return {"reward": reward / n, "accuracy": (reward / n + 1) / 2, "kl": kl_sum / n,
+                "seconds_step": round(time.perf_counter() - t0, 4)}
+
+    return objective
+
+
 def train_classifier_expert(model, tokenizer, base_fingerprint: str, svf_config, train_docs: Sequence[dict],
                             val_docs: Sequence[dict], loop, objective_cfg, run_dir, *, resume: bool = False,
-                            eval_batch_size: int = 8, init_seed: int = 0, progress=None):
-    """`rl.train_svf_expert` on the "classify" pseudo-task; returns (best Expert, TrainResult).
+                            eval_batch_size: int = 8, init_seed: int = 0, progress=None, mode: str = "generate"):
+    """Train z_c with REINFORCE on the "classify" pseudo-task; returns (best Expert, TrainResult).
 
-    `model` must be SVF-patched; z_c starts from the reference init (seeded by `init_seed`).
+    `mode` generate: `rl.train_svf_expert` (decode, score \\boxed{label}); loglik: `loglik_objective`,
+    validated by loglik dispatch accuracy. `model` must be SVF-patched; z_c starts from the
+    reference init (seeded by `init_seed`).
     """
     import torch
 
+    from .adapters import SVFAdapter
+    from .dispatch import LABEL_CONTINUATIONS, classification_prompts, continuation_logprobs
     from .rl import train_svf_expert
     from .svf import Expert, init_expert
+    from .training import fit
 
+    if mode not in TRAIN_MODES:
+        raise UserError(f"classifier.train_mode must be one of {TRAIN_MODES}, got {mode!r}")
     expert = init_expert(model, base_fingerprint, svf_config, torch.Generator().manual_seed(init_seed),
                          provenance={"task": CLASSIFY_TASK})
-    result, _ = train_svf_expert(model, tokenizer, expert, CLASSIFY_TASK, train_docs, val_docs, loop, objective_cfg,
-                                 run_dir, resume=resume, eval_batch_size=eval_batch_size, run_id="classifier",
-                                 progress=progress)
+    if mode == "generate":
+        result, _ = train_svf_expert(model, tokenizer, expert, CLASSIFY_TASK, train_docs, val_docs, loop,
+                                     objective_cfg, run_dir, resume=resume, eval_batch_size=eval_batch_size,
+                                     run_id="classifier", progress=progress)
+    else:
+        adapter = SVFAdapter(model, expert)
+        objective = loglik_objective(model, tokenizer, adapter, objective_cfg.kl_coef, objective_cfg.micro_batch_size)
+
+        prompts = classification_prompts(tokenizer, [d["question"] for d in val_docs])
+
+        def validate() -> float:  # loglik dispatch accuracy under the weights fit made active (base or z_c)
+            scores = continuation_logprobs(model, tokenizer, prompts, list(LABEL_CONTINUATIONS),
+                                           batch_size=eval_batch_size).logprob
+            pred = [CATEGORIES[max(range(len(CATEGORIES)), key=row.__getitem__)] for row in scores]
+            return sum(p == d["label"] for p, d in zip(pred, val_docs)) / len(val_docs)
+
+        result = fit(adapter, objective, validate, train_docs, loop, run_dir, resume=resume,
+                     run_id=f"classifier-loglik|{base_fingerprint}|{objective_cfg.kl_coef}", progress=progress)
     best = Expert({k: v.clone() for k, v in result.best_state.items()}, base_fingerprint, svf_config,
-                  {"task": CLASSIFY_TASK, "best_step": result.best_step,
+                  {"task": CLASSIFY_TASK, "train_mode": mode, "best_step": result.best_step,
                    "best_val_accuracy": result.best_val_accuracy, "base_val_accuracy": result.base_val_accuracy,
                    "train_docs": len(train_docs), "sources": sorted({d.get("source", "?") for d in train_docs})})
     return best, result
@@ -184,4 +289,5 @@ def evaluate_dispatch(model, tokenizer, docs: Sequence[dict], *, mode: str = "lo
 
 
 __all__ = ["CLASSIFIER_SOURCES", "ClassifierDataError", "classifier_docs", "dispatch_confusion", "dispatch_metrics",
-           "evaluate_dispatch", "heldout_docs", "per_source_accuracy", "plot_confusion", "train_classifier_expert"]
+           "evaluate_dispatch", "heldout_docs", "label_logprobs", "loglik_objective", "per_source_accuracy",
+           "plot_confusion", "train_classifier_expert"]

@@ -188,6 +188,9 @@ class ClassifierParams(ReinforceSection):
     heldout_per_task: Optional[int] = Field(default=10, ge=1)
     """Held-out test prompts per task for the dispatch confusion matrices (null: whole test splits)."""
     modes: list[Literal["generate", "loglik"]] = Field(default_factory=lambda: ["generate", "loglik"])
+    train_mode: Literal["generate", "loglik"] = "generate"
+    """generate (the paper): the decoded \\boxed{label} is rewarded; loglik: the most likely of the four
+    label continuations is (no decoding), validated by loglik dispatch accuracy."""
 
 
 class CEMParams(PerTaskSection):
