@@ -110,8 +110,7 @@ def _patched_tiny(tmp_path):
 
 
 def test_label_logprobs_match_the_loglik_first_pass(tmp_path):
-    from transformer2.classifier import label_logprobs
-    from transformer2.dispatch import LABEL_CONTINUATIONS, classification_prompts, continuation_logprobs
+    from transformer2.dispatch import LABEL_CONTINUATIONS, classification_prompts, continuation_logprobs, label_logprobs
 
     model, tokenizer, _ = _patched_tiny(tmp_path)
     questions = ["What is 2 + 2?", "Write a function that sorts a list of numbers in Python.", "Hi"]
@@ -125,7 +124,8 @@ def test_label_logprobs_match_the_loglik_first_pass(tmp_path):
 @pytest.mark.parametrize("right", [True, False])
 def test_loglik_objective_raises_a_rewarded_label_and_lowers_a_punished_one(tmp_path, right):
     from transformer2.adapters import SVFAdapter
-    from transformer2.classifier import label_logprobs, loglik_objective
+    from transformer2.classifier import loglik_objective
+    from transformer2.dispatch import label_logprobs
     from transformer2.svf import SVFConfig, init_expert
 
     model, tokenizer, fp = _patched_tiny(tmp_path)

@@ -92,60 +92,21 @@ def per_source_accuracy(docs: Sequence[dict], pred: Sequence[Optional[str]]) -> 
     return {task: sum(h) / len(h) for task, h in hits.items()}
 
 
-def label_logprobs(model, tokenizer, questions: Sequence[str]):
-    """Summed log-probabilities of the four `\\boxed{label}` continuations after each question's
-    classification prompt, (B, 4) in CATEGORIES order, differentiable; plus the label-token mask
-    and logits, (4B, C) and (4B, C, V), for the KL penalty. Tokenized as
-    `dispatch.continuation_logprobs`; each prompt runs once and its KV cache serves its four labels."""
-    import torch
-
-    from .dispatch import LABEL_CONTINUATIONS, _encode, _pad_id, classification_prompts
-
-    prompts = _encode(tokenizer, classification_prompts(tokenizer, questions))
-    labels = _encode(tokenizer, LABEL_CONTINUATIONS)
-    P, K, L, C = len(prompts), len(labels), max(len(p) for p in prompts), max(len(lab) for lab in labels)
-    pad = _pad_id(tokenizer)
-    device = next(model.parameters()).device
-    ids = torch.full((P, L), pad, dtype=torch.long)
-    mask = torch.zeros((P, L), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, L - len(p):], mask[b, L - len(p):] = torch.tensor(p), 1  # left padding
-    targets = torch.full((P * K, C), pad, dtype=torch.long)
-    target_mask = torch.zeros((P * K, C))
-    for r in range(P * K):
-        lab = labels[r % K]
-        targets[r, :len(lab)], target_mask[r, :len(lab)] = torch.tensor(lab), 1  # right padding: never attended to
-    ids, mask, targets, target_mask = ids.to(device), mask.to(device), targets.to(device), target_mask.to(device)
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    rows = torch.arange(P, device=device).repeat_interleave(K)  # row r = prompt r // K, label r % K
-    parts = [out.logits[rows, -1:].float()]  # predicts each label's first token
-    if C > 1:
-        cache = out.past_key_values
-        cache.reorder_cache(rows)
-        ext_mask = torch.cat([mask[rows], torch.ones((P * K, C - 1), dtype=torch.long, device=device)], dim=1)
-        ext_pos = pos[rows, -1:] + 1 + torch.arange(C - 1, device=device)
-        out2 = model(input_ids=targets[:, :-1], attention_mask=ext_mask, position_ids=ext_pos, past_key_values=cache,
-                     use_cache=True)
-        parts.append(out2.logits.float())
-    logits = torch.cat(parts, dim=1)  # (P*K, C, V): position t predicts label token t
-    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return (logp * target_mask).sum(1).view(P, K), target_mask, logits
-
-
 def loglik_objective(model, tokenizer, adapter, kl_coef: float = 0.0, micro_batch_size: int = 8):
     """REINFORCE on the loglik first pass: action = argmax label, reward ±1, + λ·KL on its tokens."""
     import time
 
     import torch
 
+    from .dispatch import label_logprobs
     from .rl import kl_to_base
 
     def objective(docs: Sequence[dict]) -> dict:
         n, reward, kl_sum, t0 = len(docs), 0.0, 0.0, time.perf_counter()
         for start in range(0, n, micro_batch_size):
             chunk = docs[start:start + micro_batch_size]
-            scores, target_mask, logits = label_logprobs(model, tokenizer, [d["question"] for d in chunk])
+            questions = [d["question"] for d in chunk]
+            scores, target_mask, logits = label_logprobs(model, tokenizer, questions)
             action = scores.argmax(1)
             rewards = torch.tensor([1.0 if CATEGORIES[a] == d["label"] else -1.0 for a, d in zip(action.tolist(), chunk)],
                                    device=scores.device)
@@ -153,7 +114,7 @@ def loglik_objective(model, tokenizer, adapter, kl_coef: float = 0.0, micro_batc
             kl = torch.zeros(())
             if kl_coef > 0:
                 with torch.no_grad(), adapter.disabled():
-                    _, _, base_logits = label_logprobs(model, tokenizer, [d["question"] for d in chunk])
+                    _, _, base_logits = label_logprobs(model, tokenizer, questions)
                 rows = action + torch.arange(len(chunk), device=action.device) * len(CATEGORIES)  # the chosen labels
                 kl = kl_to_base(logits[rows], base_logits[rows], target_mask[rows])
                 loss = loss + kl_coef * kl * (len(chunk) / n)
@@ -178,7 +139,7 @@ def train_classifier_expert(model, tokenizer, base_fingerprint: str, svf_config,
     import torch
 
     from .adapters import SVFAdapter
-    from .dispatch import LABEL_CONTINUATIONS, classification_prompts, continuation_logprobs
+    from .dispatch import loglik_categories
     from .rl import train_svf_expert
     from .svf import Expert, init_expert
     from .training import fit
@@ -195,12 +156,8 @@ def train_classifier_expert(model, tokenizer, base_fingerprint: str, svf_config,
         adapter = SVFAdapter(model, expert)
         objective = loglik_objective(model, tokenizer, adapter, objective_cfg.kl_coef, objective_cfg.micro_batch_size)
 
-        prompts = classification_prompts(tokenizer, [d["question"] for d in val_docs])
-
         def validate() -> float:  # loglik dispatch accuracy under the weights fit made active (base or z_c)
-            scores = continuation_logprobs(model, tokenizer, prompts, list(LABEL_CONTINUATIONS),
-                                           batch_size=eval_batch_size).logprob
-            pred = [CATEGORIES[max(range(len(CATEGORIES)), key=row.__getitem__)] for row in scores]
+            pred = loglik_categories(model, tokenizer, [d["question"] for d in val_docs], batch_size=eval_batch_size)
             return sum(p == d["label"] for p, d in zip(pred, val_docs)) / len(val_docs)
 
         result = fit(adapter, objective, validate, train_docs, loop, run_dir, resume=resume,
@@ -289,5 +246,5 @@ def evaluate_dispatch(model, tokenizer, docs: Sequence[dict], *, mode: str = "lo
 
 
 __all__ = ["CLASSIFIER_SOURCES", "ClassifierDataError", "classifier_docs", "dispatch_confusion", "dispatch_metrics",
-           "evaluate_dispatch", "heldout_docs", "label_logprobs", "loglik_objective", "per_source_accuracy",
+           "evaluate_dispatch", "heldout_docs", "loglik_objective", "per_source_accuracy",
            "plot_confusion", "train_classifier_expert"]

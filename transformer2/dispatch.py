@@ -322,22 +322,65 @@ def classify_generate(model, tokenizer, questions: Sequence[str], *, max_new_tok
     return [parse_category(t) or unparsed for t in texts]
 
 
-def classify_loglik(model, tokenizer, questions: Sequence[str], *, batch_size: int = 8,
-                    classifier: Optional[Expert] = None, scores_out: Optional[list] = None) -> list[str]:
-    """First pass without decoding: the category whose `\\boxed{label}` is most likely after the prompt.
-
-    Same weights and restore as `classify_generate`. `scores_out`, if a list, receives one
-    row of four summed log-probabilities per question (CATEGORIES order).
-    """
+def loglik_categories(model, tokenizer, questions: Sequence[str], *, batch_size: int = 8,
+                      scores_out: Optional[list] = None) -> list[str]:
+    """The loglik first pass under whatever weights are active (training validates z_c with it):
+    the category whose `\\boxed{label}` is most likely after each question's classification prompt.
+    `scores_out`, if a list, receives one row of four summed log-probabilities per question
+    (CATEGORIES order)."""
     if not questions:
         return []
-    prompts = classification_prompts(tokenizer, questions)
-    with preserved_svf_state(model):
-        set_expert(model, classifier)
-        scores = continuation_logprobs(model, tokenizer, prompts, list(LABEL_CONTINUATIONS), batch_size=batch_size)
+    scores = continuation_logprobs(model, tokenizer, classification_prompts(tokenizer, questions),
+                                   list(LABEL_CONTINUATIONS), batch_size=batch_size)
     if scores_out is not None:
         scores_out.extend(scores.logprob)
     return [CATEGORIES[max(range(len(CATEGORIES)), key=row.__getitem__)] for row in scores.logprob]
+
+
+def classify_loglik(model, tokenizer, questions: Sequence[str], *, batch_size: int = 8,
+                    classifier: Optional[Expert] = None, scores_out: Optional[list] = None) -> list[str]:
+    """First pass without decoding (`loglik_categories`) with the same weights and restore as
+    `classify_generate`: z_c if given, else the exact base weights."""
+    with preserved_svf_state(model):
+        set_expert(model, classifier)
+        return loglik_categories(model, tokenizer, questions, batch_size=batch_size, scores_out=scores_out)
+
+
+def label_logprobs(model, tokenizer, questions: Sequence[str]):
+    """Summed log-probabilities of the four `\\boxed{label}` continuations after each question's
+    classification prompt, (B, 4) in CATEGORIES order, differentiable; plus the label-token mask
+    and logits, (4B, C) and (4B, C, V), for the KL penalty. Tokenized as
+    `continuation_logprobs`; each prompt runs once and its KV cache serves its four labels."""
+    prompts = _encode(tokenizer, classification_prompts(tokenizer, questions))
+    labels = _encode(tokenizer, LABEL_CONTINUATIONS)
+    P, K, L, C = len(prompts), len(labels), max(len(p) for p in prompts), max(len(lab) for lab in labels)
+    pad = _pad_id(tokenizer)
+    device = next(model.parameters()).device
+    ids = torch.full((P, L), pad, dtype=torch.long)
+    mask = torch.zeros((P, L), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, L - len(p):], mask[b, L - len(p):] = torch.tensor(p), 1  # left padding
+    targets = torch.full((P * K, C), pad, dtype=torch.long)
+    target_mask = torch.zeros((P * K, C))
+    for r in range(P * K):
+        lab = labels[r % K]
+        targets[r, :len(lab)], target_mask[r, :len(lab)] = torch.tensor(lab), 1  # right padding: never attended to
+    ids, mask, targets, target_mask = ids.to(device), mask.to(device), targets.to(device), target_mask.to(device)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    rows = torch.arange(P, device=device).repeat_interleave(K)  # row r = prompt r // K, label r % K
+    parts = [out.logits[rows, -1:].float()]  # predicts each label's first token
+    if C > 1:
+        cache = out.past_key_values
+        cache.reorder_cache(rows)
+        ext_mask = torch.cat([mask[rows], torch.ones((P * K, C - 1), dtype=torch.long, device=device)], dim=1)
+        ext_pos = pos[rows, -1:] + 1 + torch.arange(C - 1, device=device)
+        out2 = model(input_ids=targets[:, :-1], attention_mask=ext_mask, position_ids=ext_pos, past_key_values=cache,
+                     use_cache=True)
+        parts.append(out2.logits.float())
+    logits = torch.cat(parts, dim=1)  # (P*K, C, V): position t predicts label token t
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return (logp * target_mask).sum(1).view(P, K), target_mask, logits
 
 
 def classify(model, tokenizer, questions: Sequence[str], *, mode: str = "loglik", batch_size: int = 8,
@@ -411,4 +454,5 @@ class DispatchStrategy:
 
 __all__ = ["ContinuationScores", "DispatchError", "DispatchStrategy", "LABEL_CONTINUATIONS", "MODES", "ROUTES",
            "apply_route", "classification_prompts", "classify", "classify_generate", "classify_loglik",
-           "continuation_logprobs", "left_padding", "preserved_svf_state", "route", "set_row_z"]
+           "continuation_logprobs", "label_logprobs", "left_padding", "loglik_categories", "preserved_svf_state",
+           "route", "set_row_z"]
