@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from transformer2.config import Params
 from transformer2.harness import cache_files, evaluate_task
 from transformer2.runtime import resource_metrics, timed
+from transformer2.training import run_fingerprint
 
 from .tracking import record_metrics, stage_run, write_json
 
@@ -79,13 +80,10 @@ def _input_files(args: dict) -> list[Path]:
 def response_cache(run_dir: str, kind: str, task_name: str, args: dict, settings: dict) -> Path:
     """Where a cell caches lm-eval's responses: named by everything they depend on, so a rerun after
     a kill reuses them and a changed cell never does; caches of other configs are removed."""
-    import hashlib
-
-    h = hashlib.sha256(json.dumps([kind, task_name, args, settings], sort_keys=True, default=str).encode())
-    for path in _input_files(args):
-        h.update(str(path).encode())
-        h.update(path.read_bytes() if path.is_file() else b"missing")
-    cache = Path(run_dir) / f"responses_{h.hexdigest()[:16]}"
+    files = _input_files(args)
+    digest = run_fingerprint([kind, task_name, args, settings, [str(p) for p in files]],
+                             (p.read_bytes() if p.is_file() else b"missing" for p in files))
+    cache = Path(run_dir) / f"responses_{digest}"
     cache.parent.mkdir(parents=True, exist_ok=True)
     for stale in set(cache.parent.glob("responses_*")) - set(cache_files(cache)):
         stale.unlink()

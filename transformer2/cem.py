@@ -366,16 +366,12 @@ def _run_id(experts: Sequence[Expert], keys: Sequence[str], task: str, shots: Se
             max_new_tokens: int) -> str:
     """Everything the fitness depends on besides the CEM config: a checkpoint of other experts,
     shots or decoding settings is never resumed."""
-    import hashlib
+    from .training import run_fingerprint
 
-    h = hashlib.sha256(json.dumps([task, list(keys), method, max_new_tokens, list(shots)], sort_keys=True,
-                                  default=str).encode())
-    for expert in experts:
-        h.update(expert.base_fingerprint.encode())
-        for name in sorted(expert.vectors):
-            h.update(name.encode())
-            h.update(expert.vectors[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    vectors = (e.vectors[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+               for e in experts for name in sorted(e.vectors))
+    return run_fingerprint([task, list(keys), method, max_new_tokens, list(shots),
+                            [(e.base_fingerprint, sorted(e.vectors)) for e in experts]], vectors)
 
 
 def few_shot_cem(model, tokenizer, experts: Mapping[str, Expert], task: str, shots: Sequence[dict],

@@ -19,7 +19,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -108,9 +108,13 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def run_fingerprint(identity: dict) -> str:
-    """A short stable hash of what a resumable run depends on (JSON-able values)."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def run_fingerprint(identity: Any, blobs: Iterable[bytes] = ()) -> str:
+    """A short stable hash of what a resumable run depends on: JSON-able settings, then the raw
+    bytes of its inputs (expert vectors, files), so changed inputs never resume an old run."""
+    h = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
+    for blob in blobs:
+        h.update(blob)
+    return h.hexdigest()[:16]
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
