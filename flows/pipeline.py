@@ -67,7 +67,7 @@ def pipeline_flow(params_path: str = str(layout.PARAMS), use_dvc: bool = True, p
             classifier_flow(params_path=params_path, resume=True)
         elif stage == "cem":
             for name in load_params(params_path).cem.tasks:
-                cem_flow(task=name, params_path=params_path)
+                cem_flow(task=name, params_path=params_path, resume=True)
         elif stage in EVAL_KINDS:
             kind = EVAL_KINDS[stage]
             for name in eval_tasks(load_params(params_path), kind):
