@@ -60,7 +60,8 @@ def read_stage_metrics(metrics_dir: str | Path) -> tuple[Optional[dict], dict[st
 
 
 def timing_table(cells: Cells, kinds: Sequence[str] = TABLE2_KINDS[1:], tasks: Sequence[str] = UNSEEN_TASKS) -> str:
-    """Paper Table 3: seconds of the first pass (choosing z) and of the second (answering) per cell."""
+    """Paper Table 3: seconds of the first pass (choosing z) and of the second (answering) per cell;
+    empty when no cell recorded them."""
     rows = ["### Table 3 — cost of the first pass (seconds, same cell)", "",
             "| task | strategy | first pass | second pass | first / second | search before the cell |",
             "|---|---|---|---|---|---|"]
@@ -74,7 +75,7 @@ def timing_table(cells: Cells, kinds: Sequence[str] = TABLE2_KINDS[1:], tasks: S
             rows.append(f"| {TASK_TITLES.get(task, task)} | {KIND_TITLES.get(kind, kind)} | {c['first_pass_s']:.2f} | "
                         f"{c['second_pass_s']:.2f} | {'–' if ratio is None else f'{100 * ratio:.1f}%'} | "
                         f"{'–' if search is None else f'CEM {search:.0f} s'} |")
-    return "\n".join(rows) + "\n"
+    return "\n".join(rows) + "\n" if len(rows) > 4 else ""
 
 
 def dispatch_table(classifier: Optional[dict]) -> str:
@@ -121,9 +122,7 @@ def build_report(cells: Cells, notes: Mapping[str, str] | None = None, classifie
              table(cells, TABLE1_KINDS, TRAIN_TASKS, "Table 1 — training tasks (base / LoRA / SVF expert)"),
              table(cells, TABLE2_KINDS, UNSEEN_TASKS,
                    "Table 2 — unseen tasks (base → prompt dispatch / classifier expert / few-shot CEM)")]
-    for extra in (timing_table(cells), dispatch_table(classifier), cem_table(cem or {})):
-        if extra.count("\n") > 4:
-            parts.append(extra)
+    parts += [extra for extra in (timing_table(cells), dispatch_table(classifier), cem_table(cem or {})) if extra]
     for key, text in (notes or {}).items():
         parts += [f"**{key}.** {text}", ""]
     return "\n".join(parts)
