@@ -23,16 +23,17 @@ from pathlib import Path
 
 import torch
 
-from transformer2.benchmarks import load_split
 from transformer2.cem import CEM, CEMConfig, alpha_shape, draw_shots, population_fitness
-from transformer2.dispatch import (LABEL_CONTINUATIONS, ROUTES, classification_prompts, classify_generate,
-                                   classify_loglik, continuation_logprobs, route)
+from transformer2.dispatch import (LABEL_CONTINUATIONS, classification_prompts, classify_generate, classify_loglik,
+                                   default_routes, route)
 from transformer2.generation import chat_prompts, generate_texts
+from transformer2.loglik import continuation_logprobs
 from transformer2.models import load_patched
-from transformer2.prompts import question_text
+from transformer2.tasks import load_split, question_text
 from transformer2.svf import Expert, SVFConfig, set_expert, svf_layers
 
 EXPERT_TASKS = ("gsm8k", "mbpp", "arc_easy")
+ROUTES = default_routes(EXPERT_TASKS)
 
 
 def load_experts(model, fingerprint: str, config: SVFConfig, root: Path) -> tuple[dict[str, Expert], str]:
@@ -98,7 +99,7 @@ def first_vs_second(model, tokenizer, experts, data: Path, n: int, max_new_token
     # second pass: each question with the expert its category routes to (None = base), greedy
     groups: dict = {}
     for i, c in enumerate(cats):
-        groups.setdefault(route(c), []).append(i)
+        groups.setdefault(route(c, ROUTES), []).append(i)
     t = time.perf_counter()
     for name, idx in groups.items():
         set_expert(model, None if name is None else experts[name])

@@ -24,12 +24,13 @@ from train_step import RSSSampler, rss_mb
 def worker(args) -> dict:
     import torch
 
-    from transformer2.benchmarks import shot_pool
+    from transformer2.tasks import shot_pool
     from transformer2.cem import draw_shots
-    from transformer2.dispatch import continuation_logprobs, left_padding
+    from transformer2.generation import left_padding
+    from transformer2.loglik import continuation_logprobs
     from transformer2.generation import chat_prompts
     from transformer2.models import load_base
-    from transformer2.prompts import reference_answer
+    from transformer2.tasks import reference_answer
 
     torch.set_num_threads(args.threads)
     model, tokenizer, _ = load_base(args.model)

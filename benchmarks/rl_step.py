@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from transformer2.adapters import SVFAdapter
-from transformer2.benchmarks import load_split
+from transformer2.tasks import load_split
 from transformer2.generation import chat_prompts, rollout
 from transformer2.models import load_patched
 from transformer2.rl import RLObjectiveConfig, reinforce_objective

@@ -69,7 +69,7 @@ def worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     from transformer2.adapters import LoRAAdapter, SVFAdapter
-    from transformer2.benchmarks import load_split
+    from transformer2.tasks import load_split
     from transformer2.lora import attach_lora, lora_config
     from transformer2.models import load_base, load_patched
     from transformer2.rl import RLObjectiveConfig, reinforce_objective

@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from transformer2.cells import CELL_KINDS
+
 QUIET_ENV = {  # no telemetry, no phoning home; offline switches stay the user's choice
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "true",
@@ -48,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--resume", action="store_true",
                        help="continue from the run's checkpoint if one of the same config exists")
     s = sub.add_parser("eval", help="one cell of the evaluation matrix through lm-eval (stages eval-*)")
-    s.add_argument("--kind", required=True, choices=("base", "svf", "lora", "prompt", "classifier", "few_shot"),
+    s.add_argument("--kind", required=True, choices=CELL_KINDS,
                    help="base model; base + the task's SVF expert / LoRA adapter; or a two-pass strategy over "
                         "the SVF experts: prompt dispatch, classifier expert, few-shot CEM mix")
     s.add_argument("--task", required=True)
@@ -59,7 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--parallel", action="store_true", help="with --no-dvc: train the experts concurrently")
     s = sub.add_parser("serve", help="serve the pipeline flow for the Prefect UI (runs until stopped)")
     s.add_argument("--params", default="params.yaml")
-    s.add_argument("--cron", default=None, help='schedule, e.g. "0 3 * * *"; none: run from the UI only')
+    when = s.add_mutually_exclusive_group()
+    when.add_argument("--cron", default=None, help='schedule, e.g. "0 3 * * *" (a 6th field is seconds); '
+                      "none: run from the UI only")
+    when.add_argument("--interval", type=float, default=None, help="seconds between scheduled runs")
     s.add_argument("--name", default="transformer2-pipeline")
     sub.add_parser("lm-eval", help="lm-evaluation-harness's CLI with the `transformer2` model registered "
                    "(all lm-eval options; e.g. --model transformer2 --model_args pretrained=artifacts/model,"
@@ -105,9 +110,16 @@ def main(argv: list[str] | None = None) -> int:
 
             pipeline_flow(params_path=args.params, use_dvc=not args.no_dvc, parallel=args.parallel)
         elif args.command == "serve":
+            from prefect.settings import get_current_settings
+
+            if not get_current_settings().api.url:
+                return _fail("`t2 serve` needs a Prefect server (a temporary one schedules nothing): run "
+                             "`prefect server start --host 127.0.0.1` and "
+                             "`export PREFECT_API_URL=http://127.0.0.1:4200/api`")
             from .pipeline import pipeline_flow
 
-            pipeline_flow.serve(name=args.name, cron=args.cron, parameters={"params_path": args.params})
+            pipeline_flow.serve(name=args.name, cron=args.cron, interval=args.interval, limit=1,
+                                parameters={"params_path": args.params})
         elif args.command == "train-expert":
             from .stages import expert_flow
 
@@ -133,10 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             from .stages import eval_flow
 
-            from transformer2.config import ALL_TASKS
+            from transformer2.tasks import benchmark_names
 
-            if args.task not in ALL_TASKS:
-                return _fail(f"unknown --task {args.task!r}; known: {', '.join(ALL_TASKS)}")
+            if args.task not in benchmark_names():
+                return _fail(f"unknown --task {args.task!r}; known: {', '.join(benchmark_names())}")
             eval_flow(kind=args.kind, task=args.task, params_path=args.params)
         else:
             from .stages import STAGES

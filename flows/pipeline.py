@@ -1,37 +1,73 @@
-"""The whole pipeline as one Prefect flow, in DAG order; `t2 serve` schedules it from the UI.
+"""The whole pipeline as one Prefect flow; `t2 serve` schedules it from the UI.
 
-By default each stage runs as `dvc repro --single-item <stage>`: DVC skips what is up to date,
-records dvc.lock and caches the outputs, while each stage still appears in Prefect as its own
-flow run (DVC holds a repository lock, so stages run one at a time). `use_dvc=False` runs the
-stage flows in-process, without git or DVC; there `parallel=True` trains the experts of the
-different tasks concurrently (several copies of the model in memory: for multi-GPU or big-RAM hosts).
+The DAG is written once, in `dvc.yaml`: this flow reads its stages in file order (a
+topological order) and each stage's `cmd` (a `t2 ...` command), with `foreach` resolved
+against the validated params. By default each stage runs as `dvc repro --single-item <stage>`:
+DVC skips what is up to date, records dvc.lock and caches the outputs, while each stage still
+appears in Prefect as its own task run (DVC holds a repository lock, so stages run one at a
+time). `use_dvc=False` runs each stage's command in-process, without git or DVC; there
+`parallel=True` runs the items of a foreach stage (e.g. the experts of different tasks)
+concurrently (several copies of the model in memory: for multi-GPU or big-RAM hosts).
 """
 from __future__ import annotations
 
+import re
+import shlex
 import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from transformer2.config import load_params
+from transformer2.errors import UserError
 
 from . import layout
-from .stages import STAGES, cem_flow, classifier_flow, eval_flow, expert_args, expert_flow, lora_flow
 
-# DAG order; must agree with dvc.yaml (tests/test_pipeline.py checks it does).
-STAGE_ORDER = ("model", "data", "decompose", "expert", "lora", "classifier", "cem", "eval-base", "eval-svf",
-               "eval-lora", "eval-prompt", "eval-classifier", "eval-few-shot", "report")
-EVAL_KINDS = {"eval-base": "base", "eval-svf": "svf", "eval-lora": "lora", "eval-prompt": "prompt",
-              "eval-classifier": "classifier", "eval-few-shot": "few_shot"}  # stage -> `t2 eval --kind`
+DVC_FILE = "dvc.yaml"
 
 
-def eval_tasks(params, kind: str) -> list[str]:
-    """The tasks of one eval stage's foreach (mirrors dvc.yaml)."""
-    if kind == "base":
-        return params.eval.tasks
-    if kind in ("svf", "lora"):
-        return getattr(params, "rl" if kind == "svf" else "lora").tasks
-    return params.eval.adapt_tasks
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    commands: tuple[str, ...]  # one per foreach item, `${item}` filled in
+    foreach: bool
+
+
+def dvc_file() -> Path:
+    """The project's dvc.yaml: in the working directory, else next to this package (a source checkout)."""
+    for path in (Path(DVC_FILE), Path(__file__).resolve().parents[1] / DVC_FILE):
+        if path.is_file():
+            return path
+    raise UserError(f"{DVC_FILE} not found in {Path.cwd()} or beside the installed flows package")
+
+
+def _lookup(params: dict, ref: str) -> Any:
+    value: Any = params
+    for key in ref.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise UserError(f"{DVC_FILE}: ${{{ref}}} names no key of the params")
+        value = value[key]
+    return value
+
+
+def dag_stages(params_path: str | Path = layout.PARAMS, path: str | Path | None = None) -> list[Stage]:
+    """The stages of dvc.yaml in order, each with its commands (foreach resolved against the params)."""
+    spec = yaml.safe_load(Path(path or dvc_file()).read_text())["stages"]
+    values = load_params(params_path).model_dump()
+    stages = []
+    for name, stage in spec.items():
+        if "foreach" in stage:
+            ref = re.fullmatch(r"\$\{([\w.]+)\}", str(stage["foreach"]))
+            items = _lookup(values, ref.group(1)) if ref else stage["foreach"]
+            cmds = tuple(stage["do"]["cmd"].replace("${item}", str(item)) for item in items)
+            stages.append(Stage(name, cmds, True))
+        else:
+            stages.append(Stage(name, (stage["cmd"],), False))
+    return stages
 
 
 @task(name="dvc-repro", cache_policy=NO_CACHE)
@@ -44,33 +80,29 @@ def dvc_repro_task(stage: str) -> None:
         raise RuntimeError(f"`dvc repro --single-item {stage}` failed with exit code {proc.returncode}")
 
 
+@task(name="t2", cache_policy=NO_CACHE)
+def command_task(command: str, params_path: str) -> None:
+    """One stage command (`t2 ...` from dvc.yaml) run in this process."""
+    from .cli import main
+
+    argv = shlex.split(command)
+    if argv[:1] != ["t2"]:
+        raise UserError(f"{DVC_FILE}: stage command {command!r} is not a `t2` command")
+    code = main(argv[1:] + ["--params", params_path])
+    if code:
+        raise RuntimeError(f"`{command}` failed with exit code {code}")
+
+
 @flow(name="transformer2-pipeline")
 def pipeline_flow(params_path: str = str(layout.PARAMS), use_dvc: bool = True, parallel: bool = False) -> None:
-    for stage in STAGE_ORDER:
+    for stage in dag_stages(params_path):
         if use_dvc:
-            dvc_repro_task.with_options(name=f"dvc-repro-{stage}")(stage)
-        elif stage == "expert":
-            from tasks.expert import train_expert_task
-
-            params = load_params(params_path)
-            if parallel:
-                futures = [train_expert_task.submit(params, resume=True, **expert_args(t)) for t in params.rl.tasks]
-                for future in futures:
-                    future.result()
-            else:
-                for name in params.rl.tasks:
-                    expert_flow(task=name, params_path=params_path, resume=True)
-        elif stage == "lora":
-            for name in load_params(params_path).lora.tasks:
-                lora_flow(task=name, params_path=params_path, resume=True)
-        elif stage == "classifier":
-            classifier_flow(params_path=params_path, resume=True)
-        elif stage == "cem":
-            for name in load_params(params_path).cem.tasks:
-                cem_flow(task=name, params_path=params_path, resume=True)
-        elif stage in EVAL_KINDS:
-            kind = EVAL_KINDS[stage]
-            for name in eval_tasks(load_params(params_path), kind):
-                eval_flow(kind=kind, task=name, params_path=params_path)
+            dvc_repro_task.with_options(name=f"dvc-repro-{stage.name}")(stage.name)
+        elif parallel and stage.foreach:
+            futures = [command_task.with_options(name=f"t2-{stage.name}").submit(cmd, params_path)
+                       for cmd in stage.commands]
+            for future in futures:
+                future.result()
         else:
-            STAGES[stage](params_path=params_path)
+            for cmd in stage.commands:
+                command_task.with_options(name=f"t2-{stage.name}")(cmd, params_path)

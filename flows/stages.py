@@ -84,11 +84,12 @@ def cem_flow(task: str, params_path: str = str(layout.PARAMS), resume: bool = Fa
 
 @flow(name="eval", flow_run_name="eval-{kind}-{task}")
 def eval_flow(kind: str, task: str, params_path: str = str(layout.PARAMS)) -> dict:
-    from tasks.eval import STRATEGY_KINDS, evaluate_cell_task, model_args, strategy_model_args
+    from tasks.eval import evaluate_cell_task, model_args, strategy_model_args
+    from transformer2.cells import TWO_PASS_KINDS
 
     params = load_params(params_path)
     extra: dict = {}
-    if kind in STRATEGY_KINDS:
+    if kind in TWO_PASS_KINDS:
         experts = {t: str(layout.EXPERTS_DIR / t) for t in params.rl.tasks}
         args = strategy_model_args(kind, params, str(layout.MODEL_DIR), str(layout.SVD_DIR), experts,
                                    classifier_dir=str(layout.CLASSIFIER_DIR), cem_dir=str(layout.CEM_DIR / task))

@@ -7,15 +7,14 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
-from transformer2.benchmarks import shot_pool
-from transformer2.cem import CEMConfig, CEMError, draw_shots, few_shot_cem
+from transformer2.tasks import shot_pool
+from transformer2.cem import CEMError, few_shot_cem, shot_indices
 from transformer2.config import Params
 from transformer2.models import load_patched
 from transformer2.runtime import resource_metrics, timed
-from transformer2.svf import Expert, SVFConfig
+from transformer2.svf import Expert
 
-from .expert import write_curve
-from .tracking import record_metrics, stage_run, write_json
+from .tracking import record_metrics, stage_run, write_curve, write_json
 
 HISTORY_FIELDS = ("generation", "best_accuracy", "best_loglik", "mean_accuracy", "elite_accuracy",
                   "best_so_far_accuracy", "best_so_far_loglik", "mean_std", "seconds")
@@ -34,15 +33,15 @@ def cem_task(params: Params, task_name: str, model_dir: str, svd_dir: str, data_
     checkpointed every generation in `run_dir` so that `resume` continues a killed search."""
     log = get_run_logger()
     cfg = params.cem.for_task(task_name)
-    svf = SVFConfig(**params.svf.model_dump())
+    svf = params.svf.config()
     experts = load_task_experts(experts_dir, params.rl.tasks)
     pool_split, pool = shot_pool(data_dir, task_name)
     if cfg.shots > len(pool):
         raise CEMError(f"cem.shots={cfg.shots} but {task_name}'s {pool_split} split has {len(pool)} docs"
                        + (" (raise data.fewshot_holdout)" if pool_split == "fewshot" else ""))
-    shots, _ = draw_shots(pool, cfg.shots, params.seed)
-    config = CEMConfig(population=cfg.population, elite_ratio=cfg.elite_ratio, generations=cfg.generations,
-                       init_std=cfg.init_std, per_matrix=cfg.per_matrix, keep_best=cfg.keep_best, seed=params.seed)
+    indices = shot_indices(len(pool), cfg.shots, params.seed)
+    shots = [pool[i] for i in indices]
+    config = cfg.cem_config(params.seed)
     with stage_run(params, "cem", sections=("cem",), task=task_name, kind="few_shot"):
         with timed() as t:
             model, tokenizer, _ = load_patched(model_dir, svd_dir, svf, dtype=params.model.dtype,
@@ -60,8 +59,7 @@ def cem_task(params: Params, task_name: str, model_dir: str, svd_dir: str, data_
                                   run_dir=run_dir, resume=resume)
             bar.close()
             result.save(out_dir)
-        position = {id(d): i for i, d in enumerate(pool)}
-        write_json(Path(out_dir) / "shots.json", {"split": pool_split, "indices": [position[id(d)] for d in shots]})
+        write_json(Path(out_dir) / "shots.json", {"split": pool_split, "indices": indices})
         write_curve(curve_path, result.history, HISTORY_FIELDS)
         metrics = {"task": task_name, "experts": result.keys, "shots": len(shots), "shot_split": pool_split,
                    "population": cfg.population, "generations": cfg.generations, "per_matrix": cfg.per_matrix,

@@ -3,7 +3,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from transformer2.benchmarks import data_dir, export_splits
+from transformer2.tasks import data_dir, export_splits
 from transformer2.config import Params
 from transformer2.runtime import resource_metrics, timed
 

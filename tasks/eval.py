@@ -6,15 +6,15 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from transformer2.cells import TWO_PASS_KINDS
 from transformer2.config import Params
+from transformer2.files import atomic_write_text
 from transformer2.harness import cache_files, evaluate_task
 from transformer2.runtime import resource_metrics, timed
-from transformer2.training import run_fingerprint
+from transformer2.identity import file_bytes, run_fingerprint
 
 from .tracking import record_metrics, stage_run, write_json
 
-STRATEGY_KINDS = ("prompt", "classifier", "few_shot")  # Transformer²'s two-pass strategies (Table 2)
-KINDS = ("base", "svf", "lora", *STRATEGY_KINDS)
 
 
 def model_args(kind: str, model_dir: str, svd_dir: str, adapter_dir: str | None) -> dict:
@@ -37,7 +37,7 @@ def strategy_model_args(kind: str, params: Params, model_dir: str, svd_dir: str,
     category whose expert is not in rl.tasks also gets the base weights. few_shot uses the mix
     the cem stage found for this task.
     """
-    from transformer2.dispatch import ROUTES
+    from transformer2.dispatch import default_routes
 
     folders = dict(experts)
     args: dict = {"pretrained": model_dir, "svd": svd_dir, "strategy": kind}
@@ -45,14 +45,14 @@ def strategy_model_args(kind: str, params: Params, model_dir: str, svd_dir: str,
         ev = params.eval
         strategy_args = {"mode": ev.dispatch_mode, "max_new_tokens": ev.dispatch_max_new_tokens,
                          "batch_size": ev.batch_size,
-                         "routes": {c: (n if n in experts else None) for c, n in ROUTES.items()}}
+                         "routes": default_routes(list(experts))}
         if kind == "classifier":
             folders["classifier"] = classifier_dir
             strategy_args["classifier"] = "classifier"
     elif kind == "few_shot":
         strategy_args = {"result": cem_dir}
     else:
-        raise ValueError(f"unknown strategy kind {kind!r}; use one of {STRATEGY_KINDS}")
+        raise ValueError(f"unknown strategy kind {kind!r}; use one of {TWO_PASS_KINDS}")
     return {**args, "experts": folders, "strategy_args": strategy_args}
 
 
@@ -81,8 +81,7 @@ def response_cache(run_dir: str, kind: str, task_name: str, args: dict, settings
     """Where a cell caches lm-eval's responses: named by everything they depend on, so a rerun after
     a kill reuses them and a changed cell never does; caches of other configs are removed."""
     files = _input_files(args)
-    digest = run_fingerprint([kind, task_name, args, settings, [str(p) for p in files]],
-                             (p.read_bytes() if p.is_file() else b"missing" for p in files))
+    digest = run_fingerprint([kind, task_name, args, settings, [str(p) for p in files]], file_bytes(files))
     cache = Path(run_dir) / f"responses_{digest}"
     cache.parent.mkdir(parents=True, exist_ok=True)
     for stale in set(cache.parent.glob("responses_*")) - set(cache_files(cache)):
@@ -116,12 +115,9 @@ def evaluate_cell_task(params: Params, kind: str, task_name: str, args: dict, da
         out_path = Path(out_dir)
         write_json(out_path / "results.json", {"results": out["results"], "adaptation": out["adaptation"],
                                                "n_samples": out["n_samples"]})
-        n_docs = 0
-        with open(out_path / "samples.jsonl", "w") as f:
-            for sub, rows in out["samples"].items():
-                n_docs += len({row.get("doc_id") for row in rows})
-                for row in rows:
-                    f.write(json.dumps({"task": sub, **row}, default=str) + "\n")
+        n_docs = sum(len({row.get("doc_id") for row in rows}) for rows in out["samples"].values())
+        atomic_write_text(out_path / "samples.jsonl", "".join(json.dumps({"task": sub, **row}, default=str) + "\n"
+                                                              for sub, rows in out["samples"].items() for row in rows))
         metrics = {"kind": kind, "task": task_name, "lm_eval_task": out["task"], "style": ev.style,
                    "limit": ev.limit, "n_docs": n_docs, "metric": out["headline"]["metric"], "value": out["headline"]["value"],
                    "metrics": out["metrics"], **adaptation_metrics(out["adaptation"]), **(extra or {}),

@@ -13,12 +13,11 @@ from typing import Callable, Optional
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from transformer2.benchmarks import load_split
+from transformer2.tasks import load_split
 from transformer2.config import LoRAParams, Params
 from transformer2.runtime import resource_metrics, timed
 
-from .expert import loop_config, progress_logger, record_training_run
-from .tracking import stage_run
+from .tracking import progress_logger, record_training_run, stage_run
 
 
 def run_lora_stage(params: Params, task_name: str, model_dir: str, data_dir: str, out_dir: str, run_dir: str,
@@ -27,10 +26,8 @@ def run_lora_stage(params: Params, task_name: str, model_dir: str, data_dir: str
     """Train the LoRA adapter of `task_name`; saves the best one (PEFT format) in `out_dir`."""
     import mlflow
 
-    from transformer2.lora import count_lora_parameters, lora_config, train_lora
+    from transformer2.lora import count_lora_parameters, train_lora
     from transformer2.models import load_base
-    from transformer2.rl import RLObjectiveConfig
-    from transformer2.sft import NextTokenConfig
 
     s = settings or params.lora.for_task(task_name)
     rl = params.rl.for_task(task_name)
@@ -38,20 +35,16 @@ def run_lora_stage(params: Params, task_name: str, model_dir: str, data_dir: str
                    objective=s.objective) as run:
         with timed() as t:
             model, tokenizer, info = load_base(model_dir, dtype=params.model.dtype, device=params.model.device)
-            cfg = lora_config(s.rank, s.alpha, s.dropout, s.target_modules)
+            cfg = s.lora_config()
             train = load_split(data_dir, task_name, "train")
             val = load_split(data_dir, task_name, "validation")[: rl.val_size]
             mlflow.log_params({"trainable_parameters": count_lora_parameters(model, cfg), "train_docs": len(train),
                                "val_docs": len(val)})
             progress, bar = progress_logger(f"lora {task_name}", s.steps)
             result, adapter = train_lora(
-                model, tokenizer, task_name, train, val, loop_config(s, params.seed), run_dir=run_dir,
-                objective=s.objective, lora=cfg,
-                next_token=NextTokenConfig(micro_batch_size=s.micro_batch_size,
-                                           max_answer_tokens=s.max_answer_tokens),
-                reinforce=RLObjectiveConfig(kl_coef=rl.kl_coef, max_new_tokens=rl.max_new_tokens,
-                                            do_sample=rl.do_sample, temperature=rl.temperature,
-                                            micro_batch_size=s.micro_batch_size),
+                model, tokenizer, task_name, train, val, s.loop_config(params.seed), run_dir=run_dir,
+                objective=s.objective, lora=cfg, next_token=s.next_token_config(),
+                reinforce=rl.objective_config(micro_batch_size=s.micro_batch_size),
                 resume=resume, max_new_tokens=rl.max_new_tokens, eval_batch_size=rl.eval_batch_size,
                 seed=params.seed, base_fingerprint=info.fingerprint, progress=progress)
             bar.close()

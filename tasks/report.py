@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from transformer2.config import Params
+from transformer2.files import atomic_write_text
 from transformer2.report import build_report, plot_cells, read_cells, read_stage_metrics
 
 from .tracking import stage_run
@@ -25,8 +25,7 @@ def report_task(params: Params, metrics_dir: str, report_path: str, plot_path: s
                                "Few-shot CEM shots come from each task's training split; HumanEval has none, so "
                                f"{params.data.fewshot_holdout} of its test docs are held out as shots and every "
                                "HumanEval cell (base included) is evaluated on the rest."}
-    Path(report_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(report_path).write_text(build_report(cells, notes, classifier, cem))
+    atomic_write_text(report_path, build_report(cells, notes, classifier, cem))
     plot_cells(cells, plot_path)
     with stage_run(params, "report", sections=("eval",)):
         mlflow.log_artifact(report_path)

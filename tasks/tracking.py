@@ -1,14 +1,18 @@
-"""MLflow at the edge: one run per stage unit, params flattened, metrics also written for DVC."""
+"""What every stage shares: MLflow at the edge (one run per stage unit, params flattened), metrics
+files for DVC, training curves, progress. Stage tasks import these; they never import each other."""
 from __future__ import annotations
 
-import json
+import csv
+import io
 import re
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from tqdm import tqdm
+
 from transformer2.config import Params
+from transformer2.files import atomic_write_json, atomic_write_text
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -44,11 +48,7 @@ def _metric_name(key: str) -> str:
 
 
 def write_json(path: str | Path, data: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, data)
 
 
 def record_metrics(path: str | Path, metrics: dict) -> None:
@@ -60,3 +60,48 @@ def record_metrics(path: str | Path, metrics: dict) -> None:
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     mlflow.log_metrics(numeric)
     mlflow.log_artifact(str(path))
+
+
+CURVE_FIELDS = ("step", "reward", "accuracy", "kl", "loss", "grad_norm", "val_accuracy", "rollout_tokens_per_s",
+                "seconds_rollout", "seconds_logprob", "seconds_forward", "seconds_backward")
+
+
+def write_curve(path: str | Path, history: list[dict], fields: tuple[str, ...] = CURVE_FIELDS) -> None:
+    """A curve for `dvc plots`: one row per step (or generation), blank where a field did not run."""
+    out = io.StringIO(newline="")
+    writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: row.get(k, "") for k in fields})
+    atomic_write_text(path, out.getvalue())
+
+
+def progress_logger(desc: str, steps: int):
+    """A terminal progress bar plus per-step MLflow metrics; returns (callback, bar)."""
+    import mlflow
+
+    bar = tqdm(total=steps, desc=desc, unit="step")
+
+    def progress(m: dict) -> None:
+        bar.n = m["step"]
+        shown = {k: f"{m[k]:+.3f}" for k in ("reward", "loss") if k in m}
+        if "val_accuracy" in m:
+            shown["val"] = f"{m['val_accuracy']:.3f}"
+        bar.set_postfix(**shown)
+        bar.refresh()
+        mlflow.log_metrics({k: float(v) for k, v in m.items() if k != "step" and isinstance(v, (int, float))},
+                           step=m["step"])
+
+    return progress, bar
+
+
+def record_training_run(result, metrics: dict, out_dir: str, metrics_path: str, curve_path: str,
+                        artifact_path: str) -> None:
+    """A finished run's validations, curve (for `dvc plots`), metrics file and MLflow artifacts."""
+    import mlflow
+
+    write_json(Path(out_dir) / "validations.json", {"validations": result.validations})
+    write_curve(curve_path, result.history)
+    record_metrics(metrics_path, metrics)
+    mlflow.log_artifacts(out_dir, artifact_path=artifact_path)
+    mlflow.log_artifact(curve_path)

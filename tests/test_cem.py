@@ -4,12 +4,12 @@ import json
 import pytest
 import torch
 
-from transformer2.cem import (CEM, CEMConfig, CEMError, CEMResult, Fitness, FewShotStrategy, alpha_shape,
-                              cem_search, draw_shots, few_shot_cem, population_fitness, population_z)
-from transformer2.dispatch import set_row_z
+from transformer2.cem import (CEM, CEMConfig, CEMError, CEMResult, Fitness, alpha_shape, cem_search, draw_shots,
+                              few_shot_cem, population_fitness, population_z)
+from transformer2.strategies import FewShotStrategy, StrategyError
 from transformer2.models import build_tiny_random, fingerprint
 from transformer2.svd import decompose, load_factors
-from transformer2.svf import Expert, SVFConfig, apply_svf, find_targets, mix_experts, set_expert, svf_layers
+from transformer2.svf import Expert, SVFConfig, apply_svf, find_targets, mix_experts, set_expert, set_row_z, svf_layers
 
 from .conftest import saved_random_experts
 
@@ -213,7 +213,7 @@ def test_per_sample_mixed_z_matches_rebuilt_mixed_weights(tiny):
 
 @pytest.mark.parametrize("task,shots", [("arc_challenge", ARC), ("gsm8k", GSM)])
 def test_batched_population_fitness_equals_naive_loop(tiny, task, shots, monkeypatch):
-    from transformer2 import scoring
+    from transformer2 import cem
 
     model, tokenizer, experts = tiny
     texts = {}
@@ -222,7 +222,7 @@ def test_batched_population_fitness_equals_naive_loop(tiny, task, shots, monkeyp
         texts.setdefault(len(texts), list(completions))
         return [sum(map(ord, c)) % 2 == 0 for c in completions]
 
-    monkeypatch.setattr(scoring, "score_batch", parity_score)
+    monkeypatch.setattr(cem, "score_batch", parity_score)
     alphas = torch.rand(5, 3, generator=torch.Generator().manual_seed(4))
     alphas[0] = torch.tensor([1.0, 0.0, 0.0])  # pure expert 0 ...
     alphas[1] = 0.0  # ... and all-zero α (f(0) everywhere) are candidates too
@@ -302,7 +302,7 @@ def _ll(ctx, cont):
 
 
 def test_few_shot_strategy_fixed_alpha_and_lazy_cem(lm_setup):
-    from transformer2.harness import HarnessError, Transformer2LM
+    from transformer2.harness import Transformer2LM
 
     reqs = [_ll(c, cont) for c in ("Question one:", "Question two:") for cont in (" A", " B")]
     lm = Transformer2LM(pretrained=lm_setup["model"], svd=lm_setup["svd"], experts=lm_setup["experts"],
@@ -322,7 +322,7 @@ def test_few_shot_strategy_fixed_alpha_and_lazy_cem(lm_setup):
     assert res is not None and res.shots == 2 and lazy.stats.first_pass_s > 0 and lazy.stats.second_pass_s > 0
     lazy.loglikelihood(reqs)  # CEM runs once
     assert lazy.strategy.result is res
-    with pytest.raises(HarnessError, match="test split"):
+    with pytest.raises(StrategyError, match="test split"):
         Transformer2LM(pretrained=lm_setup["model"], svd=lm_setup["svd"], experts=lm_setup["experts"],
                        strategy="few_shot", device="cpu",
                        strategy_args={"task": "arc_challenge", "data_root": lm_setup["data"], "split": "test"})

@@ -8,8 +8,8 @@ import torch
 
 from transformer2.classifier import (ClassifierDataError, classifier_docs, dispatch_confusion, dispatch_metrics,
                                      evaluate_dispatch, plot_confusion, train_classifier_expert)
-from transformer2.prompts import CATEGORIES, CLASSIFY_TASK, build_classify_messages, build_messages, reference_answer
-from transformer2.scoring import score_batch
+from transformer2.tasks import (CATEGORIES, CLASSIFY_TASK, build_classify_messages, build_messages, reference_answer,
+                               score_batch)
 
 
 
@@ -110,7 +110,8 @@ def _patched_tiny(tmp_path):
 
 
 def test_label_logprobs_match_the_loglik_first_pass(tmp_path):
-    from transformer2.dispatch import LABEL_CONTINUATIONS, classification_prompts, continuation_logprobs, label_logprobs
+    from transformer2.dispatch import LABEL_CONTINUATIONS, classification_prompts, label_logprobs
+    from transformer2.loglik import continuation_logprobs
 
     model, tokenizer, _ = _patched_tiny(tmp_path)
     questions = ["What is 2 + 2?", "Write a function that sorts a list of numbers in Python.", "Hi"]

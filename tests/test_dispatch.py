@@ -2,11 +2,13 @@
 import pytest
 import torch
 
-from transformer2.dispatch import (LABEL_CONTINUATIONS, ROUTES, DispatchError, DispatchStrategy, apply_route,
-                                   classification_prompts, classify_generate, classify_loglik,
-                                   continuation_logprobs, route, set_row_z)
+from transformer2.dispatch import (LABEL_CONTINUATIONS, DispatchError, classification_prompts, classify_generate,
+                                   classify_loglik, default_routes, route)
+from transformer2.loglik import continuation_logprobs
+from transformer2.strategies import PromptStrategy
+from transformer2.svf import set_row_z
 from transformer2.models import TINY_ARCHS, build_tiny_random, fingerprint
-from transformer2.prompts import CATEGORIES
+from transformer2.tasks import CATEGORIES
 from transformer2.svd import decompose, load_factors
 from transformer2.svf import Expert, SVFConfig, apply_svf, find_targets, set_expert, svf_layers
 
@@ -67,7 +69,7 @@ def test_continuation_logprobs_match_one_sequence_at_a_time(tiny):
 
 def test_logit_budget_splits_batches_and_keeps_scores(tiny):
     """Long teacher-forced answers: batches shrink so that rows × kept positions × vocab stays under the budget."""
-    from transformer2.dispatch import _logit_batches
+    from transformer2.loglik import _logit_batches
 
     assert _logit_batches([0, 1, 2, 3], [10, 10, 10, 10], 8, 1000, 10 * 4 * 1000 * 2 / 2 ** 20) == [[0, 1], [2, 3]]
     assert _logit_batches([0, 1, 2], [5, 50, 5], 8, 1000, 1e-9) == [[0], [1], [2]]  # one row always fits
@@ -173,12 +175,15 @@ def test_other_routes_to_exact_base_weights_after_an_expert(tiny):
     set_expert(model, None)
     with torch.no_grad():
         base = model(ids).logits
-    assert route("math") == "gsm8k" and route("code") == "mbpp" and route("reasoning") == "arc_easy"
-    assert route("other") is None and route(None) is None and ROUTES["other"] is None
-    assert apply_route(model, experts, "math") == "gsm8k"
+    routes = default_routes(["gsm8k", "mbpp", "arc_easy"])
+    assert route("math", routes) == "gsm8k" and route("code", routes) == "mbpp" and route("reasoning", routes) == "arc_easy"
+    assert route("other", routes) is None and route(None, routes) is None and routes["other"] is None
+    assert default_routes(["gsm8k"]) == {"code": None, "math": "gsm8k", "reasoning": None, "other": None}
+    strategy = PromptStrategy(model, tokenizer, experts)
+    set_expert(model, strategy.expert(route("math", routes)))
     with torch.no_grad():
         assert not torch.allclose(model(ids).logits, base, atol=1e-3)
-    assert apply_route(model, experts, "other") is None
+    set_expert(model, strategy.expert(route("other", routes)))
     assert all(layer.z is None for layer in svf_layers(model).values())
     with torch.no_grad():
         assert torch.equal(model(ids).logits, base)  # bit-exact base, not the last expert
@@ -187,10 +192,11 @@ def test_other_routes_to_exact_base_weights_after_an_expert(tiny):
 def test_strategy_validates_routes(tiny):
     model, tokenizer, _, experts = tiny
     with pytest.raises(DispatchError, match="experts not given"):
-        DispatchStrategy(model, tokenizer, {"gsm8k": experts["gsm8k"]})
+        PromptStrategy(model, tokenizer, {"gsm8k": experts["gsm8k"]}, routes={"code": "mbpp"})
+    assert PromptStrategy(model, tokenizer, {"gsm8k": experts["gsm8k"]}).routes["code"] is None  # default: base
     with pytest.raises(DispatchError, match="mode"):
-        DispatchStrategy(model, tokenizer, experts, mode="vote")
-    s = DispatchStrategy(model, tokenizer, experts, max_question_chars=5)
+        PromptStrategy(model, tokenizer, experts, mode="vote")
+    s = PromptStrategy(model, tokenizer, experts, max_question_chars=5)
     assert s.question("  0123456789 ") == "56789"
 
 
@@ -213,8 +219,8 @@ def _ll(ctx, cont):
 
 @pytest.mark.parametrize("strategy", ["prompt", "classifier"])
 def test_dispatch_strategies_keep_order_and_time_both_passes(lm_setup, strategy, monkeypatch):
-    from transformer2 import dispatch
     from transformer2.harness import Transformer2LM
+    from transformer2.strategies import prompt as prompt_strategy
 
     experts = dict(lm_setup["experts"])
     if strategy == "prompt":
@@ -229,15 +235,16 @@ def test_dispatch_strategies_keep_order_and_time_both_passes(lm_setup, strategy,
     got = lm.loglikelihood(reqs)
     assert lm.strategy.last == cats
     assert lm.stats.first_pass_s > 0 and lm.stats.second_pass_s > 0 and lm.stats.contexts == len(contexts)
+    routes = lm.strategy.routes
     for r, (ll, greedy) in zip(reqs, got):  # original order, each answered by its routed expert
-        lm.use_expert(lm.experts.get(route(cats[contexts.index(r.args[0])])))
+        lm.use_expert(lm.experts.get(route(cats[contexts.index(r.args[0])], routes)))
         (ll1, greedy1), = lm.loglikelihood([r])
         assert ll == pytest.approx(ll1, abs=1e-4) and greedy == greedy1
 
     # "other" after an expert: the exact base weights answer (forced labels)
     lm2 = Transformer2LM(pretrained=lm_setup["model"], svd=lm_setup["svd"], experts=experts, strategy=strategy,
                          device="cpu", batch_size=4)
-    monkeypatch.setattr(dispatch, "classify", lambda *a, **k: ["math", "other"])
+    monkeypatch.setattr(prompt_strategy, "classify", lambda *a, **k: ["math", "other"])
     got2 = lm2.loglikelihood([_ll("first", " x"), _ll("second", " y")])
     assert list(lm2.stats.per_key) == ["gsm8k", "None"]  # the expert group ran first
     plain = Transformer2LM(pretrained=lm_setup["model"], device="cpu", batch_size=4)

@@ -9,9 +9,16 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from transformer2 import harness  # noqa: E402
-from transformer2.harness import (HARNESS_TASKS, PAPER_TASKS, HarnessError, RouterStrategy,  # noqa: E402
-                                  Transformer2LM, cli_main, keyword_route, read_task_yaml, task_config_dir)
-from transformer2.lm_eval_tasks import code  # noqa: E402
+from transformer2.harness import (HarnessError, Transformer2LM, cli_main, read_task_yaml,  # noqa: E402
+                                  task_config_dir)
+from transformer2.harness import model as harness_model  # noqa: E402
+from transformer2.harness.functions import code  # noqa: E402
+from transformer2.harness.task_configs import lm_eval_tasks_dir  # noqa: E402
+from transformer2.strategies import RouterStrategy, StrategyError, keyword_route  # noqa: E402
+from transformer2.tasks import TASKS, benchmark_names  # noqa: E402
+
+HARNESS_TASKS = {name: spec for task in TASKS.values() if task.harness for name, spec in task.harness.configs.items()}
+PAPER_TASKS = benchmark_names()
 from transformer2.svf import Expert, ExpertError  # noqa: E402
 
 from .conftest import saved_random_experts  # noqa: E402
@@ -85,7 +92,7 @@ def test_expert_of_another_base_is_refused(setup):
 
 def test_router_groups_requests_keeps_order_and_switches_once_per_group(setup, monkeypatch):
     calls, routed = [], []
-    real_set = harness.set_expert
+    real_set = harness_model.set_expert
 
     def counting_set(model, expert, **kwargs):
         calls.append(expert)
@@ -97,7 +104,7 @@ def test_router_groups_requests_keeps_order_and_switches_once_per_group(setup, m
         routed.append(context)
         return route(context)
 
-    monkeypatch.setattr(harness, "set_expert", counting_set)
+    monkeypatch.setattr(harness_model, "set_expert", counting_set)
     experts = {"math": Expert.load(setup["math"]), "code": Expert.load(setup["code"])}
     strategy = RouterStrategy(logged_route, experts)
     lm = Transformer2LM(pretrained=setup["model"], svd=setup["svd"], strategy=strategy, device="cpu", batch_size=2,
@@ -127,7 +134,7 @@ def test_named_strategies(setup):
                         experts={"math": setup["math"], "code": setup["code"]},
                         strategy_args='{"routes": {"code": ["def "]}, "default": "math"}')
     assert lm.strategy.assign([_ll("def f():", " 1"), _ll("2+2=", "4")]) == ["code", "math"]
-    with pytest.raises(HarnessError, match="unknown strategy"):
+    with pytest.raises(StrategyError, match="unknown strategy"):
         Transformer2LM(pretrained=setup["model"], strategy="nope", device="cpu")
     route = keyword_route({"code": ["DEF"]}, default=None)
     assert route("def x") == "code" and route("nothing") is None
@@ -146,7 +153,7 @@ def test_cli_main_resolves(capsys):
 
 def test_task_configs_keep_builtin_prompts_and_point_at_local_files(mirror, tmp_path):
     out = task_config_dir(mirror, tmp_path / "t", style="harness")
-    tasks_dir = harness.lm_eval_tasks_dir()
+    tasks_dir = lm_eval_tasks_dir()
     for name, spec in HARNESS_TASKS.items():
         ours, builtin = read_task_yaml(out / f"{name}.yaml"), read_task_yaml(tasks_dir / spec.builtin)
         changed = {k for k in set(ours) | set(builtin) if ours.get(k) != builtin.get(k)}
@@ -220,12 +227,12 @@ def test_code_tasks_use_the_sandboxed_metric(task_manager, fast_limits, monkeypa
 
 
 def test_paper_tasks_use_project_prompts_and_scorers(task_manager):
-    from transformer2.prompts import SYSTEM_PROMPTS, question_text
+    from transformer2.tasks import get_task, question_text
 
     tasks = task_manager.load(["t2_gsm8k", "t2_arc_easy"])["tasks"]
     gsm, arc = tasks["t2_gsm8k"], tasks["t2_arc_easy"]
     doc = next(iter(gsm.test_docs()))
-    assert gsm.config.description == SYSTEM_PROMPTS["gsm8k"] and gsm.doc_to_text(doc) == question_text("gsm8k", doc)
+    assert gsm.config.description == get_task("gsm8k").system_prompt and gsm.doc_to_text(doc) == question_text("gsm8k", doc)
     gold = doc["answer"].split("####")[-1].strip()
     assert gsm.process_results(doc, [f"So the total is... The answer is {gold}."]) == {"acc": 1.0}
     assert gsm.process_results(doc, ["The answer is 123456789."]) == {"acc": 0.0}

@@ -48,7 +48,7 @@ def frozen_weights(model):
 
 
 def test_lora_with_the_rl_objective_runs_through_fit(tmp_path, monkeypatch):
-    monkeypatch.setattr("transformer2.scoring.score_batch",
+    monkeypatch.setattr("transformer2.tasks.score_batch",
                         lambda task, docs, texts, **k: [i % 2 == 0 for i in range(len(texts))])
     model, tokenizer = build_tiny_random("llama")
     model.eval()

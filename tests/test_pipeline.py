@@ -154,8 +154,12 @@ def test_profiles_are_valid_and_complete(profile):
     assert parse_params(data).model_dump() == data
 
 
-def test_pipeline_order_matches_dvc_yaml():
-    from flows.pipeline import STAGE_ORDER
+def test_pipeline_flow_reads_its_stages_from_dvc_yaml(tmp_path):
+    from flows.pipeline import dag_stages
 
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert list(stages) == list(STAGE_ORDER)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**TINY, "rl": {**TINY["rl"], "tasks": ["gsm8k", "mbpp"]}}))
+    stages = {s.name: s for s in dag_stages(tmp_path / "params.yaml", ROOT / "dvc.yaml")}
+    assert list(stages) == list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+    assert stages["expert"].commands == ("t2 train-expert --task gsm8k --resume", "t2 train-expert --task mbpp --resume")
+    assert stages["eval-few-shot"].commands == ("t2 eval --kind few_shot --task arc_challenge",)
+    assert stages["model"].commands == ("t2 model",) and not stages["model"].foreach

@@ -66,7 +66,7 @@ def test_reinforce_step_direction(tmp_path, monkeypatch):
     model, tokenizer, expert = svf_model(tmp_path)
     for reward in (True, False):
         adapter = SVFAdapter(model, expert)
-        monkeypatch.setattr("transformer2.scoring.score_batch", lambda task, docs, texts, **k: [reward] * len(texts))
+        monkeypatch.setattr("transformer2.tasks.score_batch", lambda task, docs, texts, **k: [reward] * len(texts))
         objective = reinforce_objective(model, tokenizer, adapter, "gsm8k", RLObjectiveConfig(max_new_tokens=4))
         ro = rollout(model, tokenizer, chat_prompts(tokenizer, "gsm8k", DOCS[:2]), max_new_tokens=4)
 
@@ -88,7 +88,7 @@ def test_kl_penalty_uses_base_weights(tmp_path, monkeypatch):
     model, tokenizer, expert = svf_model(tmp_path)
     expert.vectors = {k: v + 2 * torch.randn_like(v) for k, v in expert.vectors.items()}
     adapter = SVFAdapter(model, expert)
-    monkeypatch.setattr("transformer2.scoring.score_batch", lambda task, docs, texts, **k: [False] * len(texts))
+    monkeypatch.setattr("transformer2.tasks.score_batch", lambda task, docs, texts, **k: [False] * len(texts))
     objective = reinforce_objective(model, tokenizer, adapter, "gsm8k", RLObjectiveConfig(kl_coef=0.5, max_new_tokens=4))
     assert objective(DOCS[:2])["kl"] > 0
     assert all(layer.z is adapter.live[name] for name, layer in svf_layers(model).items())  # restored

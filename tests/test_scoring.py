@@ -3,9 +3,13 @@ from pathlib import Path
 
 import pytest
 
-from transformer2.scoring import (SCORERS, code_program_humaneval, code_program_mbpp, extract_boxed,
-                                  extract_choice, extract_code, extract_gsm8k_answer, score_arc,
-                                  score_batch, score_gsm8k, score_humaneval, score_math, score_mbpp)
+from transformer2.tasks import benchmark_names, get_task, score_batch
+from transformer2.tasks.answers import extract_boxed, extract_code
+from transformer2.tasks.arc import extract_choice, score as score_arc
+from transformer2.tasks.gsm8k import extract_answer as extract_gsm8k_answer, score as score_gsm8k
+from transformer2.tasks.hendrycks_math import score as score_math
+from transformer2.tasks.humaneval import program as code_program_humaneval, score as score_humaneval
+from transformer2.tasks.mbpp import program as code_program_mbpp, score as score_mbpp
 
 
 def load(mirror: Path, task: str, split: str = "test", n: int | None = None) -> list[dict]:
@@ -97,8 +101,8 @@ def test_arc_real_docs(mirror):
         for d in load(mirror, task, n=200):
             letter = "ABCDE"[d["choices"]["label"].index(d["answerKey"])]
             wrong = "ABCDE"[(d["choices"]["label"].index(d["answerKey"]) + 1) % len(d["choices"]["label"])]
-            assert SCORERS[task](d, f"Thinking...\nthe answer is ({letter})")
-            assert not SCORERS[task](d, f"the answer is ({wrong})")
+            assert get_task(task).score(d, f"Thinking...\nthe answer is ({letter})")
+            assert not get_task(task).score(d, f"the answer is ({wrong})")
 
 
 # ---------------------------------------------------------------- MATH
@@ -199,4 +203,4 @@ def test_score_batch_order_and_errors():
         == [False, True]
     with pytest.raises(ValueError):
         score_batch("gsm8k", [doc], [])
-    assert set(SCORERS) == {"gsm8k", "arc_easy", "arc_challenge", "math", "mbpp", "humaneval"}
+    assert set(benchmark_names()) == {"gsm8k", "arc_easy", "arc_challenge", "math", "mbpp", "humaneval"}

@@ -6,7 +6,7 @@ from transformer2.adapters import LoRAAdapter, SVFAdapter
 from transformer2.generation import chat_prompts
 from transformer2.lora import attach_lora, lora_config
 from transformer2.models import build_tiny_random
-from transformer2.prompts import reference_answer
+from transformer2.tasks import reference_answer
 from transformer2.sft import (NextTokenConfig, adapter_dropout, answer_nll, next_token_objective,
                               teacher_forced_batch, train_next_token)
 from transformer2.training import LoopConfig

@@ -39,11 +39,14 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
-from .dispatch import continuation_logprobs, left_padding, preserved_svf_state, set_row_z
+from .generation import left_padding
+from .loglik import continuation_logprobs
 from .errors import UserError
-from .svf import Expert, mix_experts, set_expert
+from .files import atomic_save, atomic_write_text
+from .settings import CEMConfig
+from .svf import Expert, mix_experts, preserved_svf_state, set_expert, set_row_z
+from .tasks import get_task, reference_answer, score_batch
 
-MULTIPLE_CHOICE_TASKS = ("arc_easy", "arc_challenge")
 METHODS = ("batched", "naive")
 CEM_RESULT = "cem.json"
 CHECKPOINT = "cem_checkpoint.pt"
@@ -52,21 +55,6 @@ ALPHA_WEIGHTS = "alpha.safetensors"  # the same α as a tensor, for tools that r
 
 class CEMError(UserError, ValueError):
     """A CEM setting or input that cannot work; the message says what to change."""
-
-
-@dataclass
-class CEMConfig:
-    population: int = 32
-    elite_ratio: float = 0.2
-    generations: int = 10
-    init_std: float = 0.5
-    per_matrix: bool = False  # α per expert and matrix (K, M) instead of per expert (K,)
-    keep_best: bool = True    # member 0 of each population is the best α so far (reference: re_eval_best)
-    seed: int = 0
-
-    @property
-    def num_elites(self) -> int:
-        return max(1, int(self.elite_ratio * self.population))  # reference: int(elite_ratio * pop_size)
 
 
 @dataclass
@@ -154,7 +142,8 @@ def cem_search(evaluate: Callable[[torch.Tensor], Fitness], shape: Sequence[int]
     when it belongs to the same run (`config`, `shape` and `run_id`: what else the fitness
     depends on), and starts afresh otherwise.
     """
-    from .training import run_fingerprint, save_checkpoint
+    from .identity import run_fingerprint
+    from .training import save_checkpoint
 
     cem = CEM(shape, config)
     ckpt = Path(run_dir) / CHECKPOINT if run_dir is not None else None
@@ -205,25 +194,24 @@ def population_z(experts: Sequence[Expert], alphas: torch.Tensor) -> dict[str, t
 
 # ---------------------------------------------------------------- fitness on the shots
 
-def draw_shots(docs: Sequence[dict], k: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """k seeded shots and the remaining docs (evaluate on the rest: the shots never count)."""
+def shot_indices(n: int, k: int, seed: int = 0) -> list[int]:
+    """k seeded positions out of n docs, in order."""
     import random
 
-    if k > len(docs):
-        raise CEMError(f"{k} shots asked from {len(docs)} docs")
-    idx = set(random.Random(seed).sample(range(len(docs)), k))
+    if k > n:
+        raise CEMError(f"{k} shots asked from {n} docs")
+    return sorted(random.Random(seed).sample(range(n), k))
+
+
+def draw_shots(docs: Sequence[dict], k: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """k seeded shots and the remaining docs (evaluate on the rest: the shots never count)."""
+    idx = set(shot_indices(len(docs), k, seed))
     return [docs[i] for i in sorted(idx)], [d for i, d in enumerate(docs) if i not in idx]
 
 
 def _mc_items(task: str, shots: Sequence[dict]) -> tuple[list[list[str]], list[int]]:
-    from .scoring import arc_letters
-
-    options, gold = [], []
-    for doc in shots:
-        letters = arc_letters(doc)
-        options.append([f"The answer is ({letter}" for letter in letters])
-        gold.append(doc["choices"]["label"].index(doc["answerKey"]))
-    return options, gold
+    items = [get_task(task).choices(doc) for doc in shots]
+    return [options for options, _ in items], [gold for _, gold in items]
 
 
 def _mc_rows(model, tokenizer, prompts, options, gold, batch_size, group_z=None, row_group=None
@@ -263,8 +251,6 @@ def population_fitness(model, tokenizer, experts: Sequence[Expert], task: str, s
     z per row. `naive`: one weight rebuild per candidate, then its shots in batches.
     """
     from .generation import chat_prompts, generate_texts
-    from .prompts import reference_answer
-    from .scoring import score_batch
 
     if method not in METHODS:
         raise CEMError(f"method must be one of {METHODS}, got {method!r}")
@@ -272,7 +258,7 @@ def population_fitness(model, tokenizer, experts: Sequence[Expert], task: str, s
         raise CEMError("no shots to evaluate the candidates on")
     P, k = alphas.shape[0], len(shots)
     prompts = chat_prompts(tokenizer, task, shots)
-    mc = task in MULTIPLE_CHOICE_TASKS
+    mc = get_task(task).multiple_choice
     if mc:
         options, gold = _mc_items(task, shots)
     else:
@@ -341,16 +327,11 @@ class CEMResult:
         path = Path(path)
         if path.suffix != ".json":
             path.mkdir(parents=True, exist_ok=True)
-            tmp = path / (ALPHA_WEIGHTS + ".tmp")
-            save_file({"alpha": torch.tensor(self.alpha, dtype=torch.float32)}, str(tmp),
-                      metadata={"keys": json.dumps(self.keys), "task": self.task})
-            tmp.replace(path / ALPHA_WEIGHTS)
+            alpha = {"alpha": torch.tensor(self.alpha, dtype=torch.float32)}
+            atomic_save(path / ALPHA_WEIGHTS, lambda tmp: save_file(
+                alpha, str(tmp), metadata={"keys": json.dumps(self.keys), "task": self.task}))
             path = path / CEM_RESULT
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        tmp.replace(path)
-        return path
+        return atomic_write_text(path, json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "CEMResult":
@@ -366,7 +347,7 @@ def _run_id(experts: Sequence[Expert], keys: Sequence[str], task: str, shots: Se
             max_new_tokens: int) -> str:
     """Everything the fitness depends on besides the CEM config: a checkpoint of other experts,
     shots or decoding settings is never resumed."""
-    from .training import run_fingerprint
+    from .identity import run_fingerprint
 
     vectors = (e.vectors[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
                for e in experts for name in sorted(e.vectors))
@@ -399,39 +380,5 @@ def few_shot_cem(model, tokenizer, experts: Mapping[str, Expert], task: str, sho
                      config=asdict(config), method=method, resumed_from=cem.resumed_from)
 
 
-class FewShotStrategy:
-    """`harness.AdaptationStrategy`: one mixed expert for every request.
-
-    Given `result` (a CEMResult), the mix is fixed; given `task` and `shots`, CEM runs on the
-    first call to `assign`, so its time is the first pass of the evaluation cell.
-    """
-
-    KEY = "few_shot"
-
-    def __init__(self, model, tokenizer, experts: Mapping[str, Expert], *, result: Optional[CEMResult] = None,
-                 task: Optional[str] = None, shots: Optional[Sequence[dict]] = None,
-                 config: Optional[CEMConfig] = None, method: str = "batched", batch_size: int = 16,
-                 max_new_tokens: int = 128):
-        if result is None and (task is None or not shots):
-            raise CEMError("few_shot needs a CEM result (alpha) or a task and its shots to run CEM on")
-        self.model, self.tokenizer, self.experts = model, tokenizer, dict(experts)
-        self.result, self.task, self.shots = result, task, list(shots or [])
-        self.config, self.method = config or CEMConfig(), method
-        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
-        self._expert: Optional[Expert] = result.mixed(self.experts) if result is not None else None
-
-    def assign(self, requests: Sequence) -> list[str]:
-        if self._expert is None:
-            self.result = few_shot_cem(self.model, self.tokenizer, self.experts, self.task, self.shots, self.config,
-                                       method=self.method, batch_size=self.batch_size,
-                                       max_new_tokens=self.max_new_tokens)
-            self._expert = self.result.mixed(self.experts)
-        return [self.KEY] * len(requests)
-
-    def expert(self, key) -> Optional[Expert]:
-        return self._expert
-
-
-__all__ = ["CEM", "CEMConfig", "CEMError", "CEMResult", "Fitness", "FewShotStrategy", "METHODS",
-           "MULTIPLE_CHOICE_TASKS", "alpha_shape", "cem_search", "draw_shots", "few_shot_cem", "population_fitness",
-           "population_z"]
+__all__ = ["CEM", "CEMConfig", "CEMError", "CEMResult", "Fitness", "METHODS", "alpha_shape", "cem_search",
+           "draw_shots", "few_shot_cem", "population_fitness", "population_z", "shot_indices"]

@@ -25,11 +25,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .benchmarks import BENCHMARKS, load_split
 from .errors import UserError
-from .prompts import CATEGORIES, CLASSIFY_TASK, question_text
+from .files import atomic_save
+from .tasks import CATEGORIES, CLASSIFY_TASK, PAPER_TRAIN_TASKS, PAPER_UNSEEN_TASKS, get_task, load_split, question_text
 
-CLASSIFIER_SOURCES = ("gsm8k", "mbpp", "arc_easy")  # the expert tasks; category from BENCHMARKS
 SPLITS = ("train", "validation")  # what classifier data may be drawn from
 TRAIN_MODES = ("generate", "loglik")
 
@@ -39,18 +38,20 @@ class ClassifierDataError(UserError, ValueError):
 
 
 def classifier_docs(data_root: str | Path, split: str = "train", per_class: Optional[int] = None, seed: int = 0,
-                    sources: Sequence[str] = CLASSIFIER_SOURCES) -> list[dict]:
+                    sources: Sequence[str] = PAPER_TRAIN_TASKS,
+                    unseen: Sequence[str] = PAPER_UNSEEN_TASKS) -> list[dict]:
     """Balanced, seeded classification docs {"question", "label", "source", "index"} from one split.
 
     `split` is "train" (training data) or "validation" (held-out); each source task gives
-    the same number of prompts (`per_class`, capped by the smallest source), shuffled together.
+    the same number of prompts (`per_class`, capped by the smallest source), shuffled together;
+    its label is the task's category. `unseen` tasks (evaluation data) are refused as sources.
     """
     if split not in SPLITS:
         raise ClassifierDataError(f"classifier data comes from the {SPLITS} splits of the expert tasks only, "
                                   f"not {split!r}")
-    bad = sorted(set(sources) - set(CLASSIFIER_SOURCES))
+    bad = sorted(set(sources) & set(unseen))
     if bad:
-        raise ClassifierDataError(f"classifier sources must be expert tasks {CLASSIFIER_SOURCES}, not {bad} "
+        raise ClassifierDataError(f"classifier sources must be expert tasks, not {bad} "
                                   "(unseen tasks are evaluation data)")
     pools = {task: load_split(data_root, task, split) for task in sources}
     n = min(len(p) for p in pools.values())
@@ -60,7 +61,7 @@ def classifier_docs(data_root: str | Path, split: str = "train", per_class: Opti
     docs = []
     for task in sources:
         for i in sorted(rng.sample(range(len(pools[task])), n)):
-            docs.append({"question": question_text(task, pools[task][i]), "label": BENCHMARKS[task].category,
+            docs.append({"question": question_text(task, pools[task][i]), "label": get_task(task).category,
                          "source": task, "index": i})
     rng.shuffle(docs)
     return docs
@@ -79,7 +80,7 @@ def heldout_docs(data_root: str | Path, tasks: Sequence[str], per_task: Optional
         pool = load_split(data_root, task, "test")
         idx = range(len(pool)) if per_task is None or per_task >= len(pool) else sorted(rng.sample(range(len(pool)),
                                                                                                     per_task))
-        docs += [{"question": question_text(task, pool[i]), "label": BENCHMARKS[task].category, "source": task,
+        docs += [{"question": question_text(task, pool[i]), "label": get_task(task).category, "source": task,
                   "index": i} for i in idx]
     return docs
 
@@ -160,7 +161,7 @@ def train_classifier_expert(model, tokenizer, base_fingerprint: str, svf_config,
             pred = loglik_categories(model, tokenizer, [d["question"] for d in val_docs], batch_size=eval_batch_size)
             return sum(p == d["label"] for p, d in zip(pred, val_docs)) / len(val_docs)
 
-        result = fit(adapter, objective, validate, train_docs, loop, run_dir, resume=resume,
+        result = fit(adapter, objective, validate, train_docs, loop, run_dir, resume=resume, inputs=val_docs,
                      run_id=f"classifier-loglik|{base_fingerprint}|{objective_cfg.kl_coef}", progress=progress)
     best = Expert({k: v.clone() for k, v in result.best_state.items()}, base_fingerprint, svf_config,
                   {"task": CLASSIFY_TASK, "train_mode": mode, "best_step": result.best_step,
@@ -220,10 +221,8 @@ def plot_confusion(matrix: np.ndarray, path: str | Path, labels: Sequence[str] =
             ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center",
                     color="white" if hi and matrix[i, j] > hi / 2 else "black")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
+    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
@@ -245,6 +244,29 @@ def evaluate_dispatch(model, tokenizer, docs: Sequence[dict], *, mode: str = "lo
                         "classifier": classifier is not None}}
 
 
-__all__ = ["CLASSIFIER_SOURCES", "ClassifierDataError", "classifier_docs", "dispatch_confusion", "dispatch_metrics",
-           "evaluate_dispatch", "heldout_docs", "loglik_objective", "per_source_accuracy",
+DISPATCHERS = ("prompt", "classifier")  # the base model's own answer / the classification expert z_c
+
+
+def measure_dispatch(model, tokenizer, heldout: Sequence[dict], classifier, modes: Sequence[str], plots_dir: str | Path,
+                     *, batch_size: int = 8, max_new_tokens: int = 32, progress=None) -> tuple[dict, dict, list[Path]]:
+    """Dispatch accuracy of the base prompt and of z_c (`classifier`) in every first-pass mode on the
+    held-out prompts: (metrics per "<who>_<mode>", per-prompt details, confusion-matrix PNGs written)."""
+    dispatch, details, pngs = {}, {}, []
+    for who in DISPATCHERS:
+        for mode in modes:
+            out = evaluate_dispatch(model, tokenizer, heldout, mode=mode,
+                                    classifier=classifier if who == "classifier" else None,
+                                    batch_size=batch_size, max_new_tokens=max_new_tokens)
+            name = f"{who}_{mode}"
+            dispatch[name] = {**out["metrics"], "per_task_accuracy": per_source_accuracy(heldout, out["pred"])}
+            details[name] = {"confusion": out["confusion"], "labels": out["labels"], "pred": out["pred"],
+                             "true": out["true"], "source": [d["source"] for d in heldout]}
+            pngs.append(plot_confusion(np.array(out["confusion"]), Path(plots_dir) / f"{name}.png",
+                                       title=f"{who} dispatch, {mode}"))
+            if progress:
+                progress(f"dispatch {name}: accuracy {out['metrics']['accuracy']:.3f} on {len(heldout)} prompts")
+    return dispatch, details, pngs
+
+__all__ = ["ClassifierDataError", "classifier_docs", "dispatch_confusion", "dispatch_metrics",
+           "evaluate_dispatch", "heldout_docs", "measure_dispatch", "loglik_objective", "per_source_accuracy",
            "plot_confusion", "train_classifier_expert"]

@@ -9,12 +9,16 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from .errors import UserError
+from dataclasses import fields
 
-TRAIN_TASKS = ("gsm8k", "mbpp", "arc_easy")
-UNSEEN_TASKS = ("math", "humaneval", "arc_challenge")
-ALL_TASKS = TRAIN_TASKS + UNSEEN_TASKS
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from .errors import UserError
+from .settings import (CLASSIFIER_LOOP, CLASSIFIER_OBJECTIVE, LORA_LOOP, CEMConfig, LoopConfig, NextTokenConfig,
+                       RLObjectiveConfig)
+from .tasks import PAPER_TRAIN_TASKS as TRAIN_TASKS, PAPER_UNSEEN_TASKS as UNSEEN_TASKS, TaskError, benchmark_names
+from .tasks import load_task_modules
+
+ALL_TASKS = TRAIN_TASKS + UNSEEN_TASKS  # the paper's six; any registered task is accepted
 
 
 class ConfigError(UserError, ValueError):
@@ -26,17 +30,17 @@ class Section(BaseModel):
 
 
 def _known_tasks(v: list[str]) -> list[str]:
-    unknown = sorted(set(v) - set(ALL_TASKS))
+    unknown = sorted(set(v) - set(benchmark_names()))
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; known: {list(ALL_TASKS)}")
+        raise ValueError(f"unknown task(s) {unknown}; known: {benchmark_names()} (a task of your own: task_modules)")
     return v
 
 
 def _check_overrides(section: type[BaseModel], v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per-task overrides must name known tasks and be valid values of the section's own keys."""
     for task, changes in v.items():
-        if task not in ALL_TASKS:
-            raise ValueError(f"unknown task {task!r}; known: {list(ALL_TASKS)}")
+        if task not in benchmark_names():
+            raise ValueError(f"unknown task {task!r}; known: {benchmark_names()}")
         bad = sorted(set(changes) & {"tasks", "overrides"})
         if bad:
             raise ValueError(f"{task}: {bad} cannot be overridden per task")
@@ -89,6 +93,12 @@ class SVFParams(Section):
     max_mult: float = Field(default=1.0, gt=0)
     keep_norm: bool = True
 
+    def config(self):
+        """The library's `svf.SVFConfig`."""
+        from .svf import SVFConfig
+
+        return SVFConfig(**self.model_dump())
+
 
 class PerTaskSection(Section):
     """A section that runs once per task, with per-task overrides of its own keys."""
@@ -112,30 +122,54 @@ class PerTaskSection(Section):
         return self.model_copy(update=self.overrides.get(task, {}))
 
 
-class LoopSection(Section):
-    """The training loop's knobs (`training.LoopConfig`), shared by every trained adapter."""
+def _loop_fields(d: LoopConfig, micro_batch_size: int) -> dict[str, Any]:
+    """The loop's keys as pydantic fields, with their defaults from the library's `d`."""
+    return {
+        "steps": (int, Field(default=d.steps, ge=1)),
+        "batch_size": (int, Field(default=d.batch_size, ge=1)),
+        "micro_batch_size": (int, Field(default=micro_batch_size, ge=1)),
+        "lr": (float, Field(default=d.lr, gt=0)),
+        "optimizer": (Literal["adam", "adamw"], d.optimizer),
+        "weight_decay": (float, Field(default=d.weight_decay, ge=0)),
+        "lr_schedule": (Literal["constant", "cosine"], d.lr_schedule),
+        "warmup_steps": (int, Field(default=d.warmup_steps, ge=0)),
+        "grad_clip": (float, Field(default=d.grad_clip, gt=0)),
+        "eval_every": (int, Field(default=d.eval_every, ge=1)),
+        "checkpoint_every": (int, Field(default=d.checkpoint_every, ge=1)),
+    }
 
-    steps: int = Field(default=8, ge=1)
-    batch_size: int = Field(default=8, ge=1)
-    micro_batch_size: int = Field(default=8, ge=1)
-    lr: float = Field(default=2e-3, gt=0)
-    optimizer: Literal["adam", "adamw"] = "adam"
-    weight_decay: float = Field(default=0.0, ge=0)
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = Field(default=0, ge=0)
-    grad_clip: float = Field(default=1e-3, gt=0)
-    eval_every: int = Field(default=4, ge=1)
-    checkpoint_every: int = Field(default=1, ge=1)
+
+def _reinforce_fields(d: RLObjectiveConfig) -> dict[str, Any]:
+    return {
+        "kl_coef": (float, Field(default=d.kl_coef, ge=0)),
+        "max_new_tokens": (int, Field(default=d.max_new_tokens, ge=1)),
+        "do_sample": (bool, d.do_sample),
+        "temperature": (float, Field(default=d.temperature, gt=0)),
+        "eval_batch_size": (int, Field(default=16, ge=1)),
+    }
 
 
-class ReinforceSection(LoopSection):
-    """REINFORCE's knobs (`rl.RLObjectiveConfig`): the task experts and the classification expert."""
+class _LoopMethods:
+    def loop_config(self, seed: int) -> LoopConfig:
+        """The training loop's settings (`training.fit`)."""
+        return LoopConfig(**{f.name: getattr(self, f.name) for f in fields(LoopConfig) if f.name != "seed"},
+                          seed=seed)
 
-    kl_coef: float = Field(default=0.0, ge=0)
-    max_new_tokens: int = Field(default=128, ge=1)
-    do_sample: bool = False
-    temperature: float = Field(default=1.0, gt=0)
-    eval_batch_size: int = Field(default=16, ge=1)
+
+class _ReinforceMethods(_LoopMethods):
+    def objective_config(self, micro_batch_size: Optional[int] = None) -> RLObjectiveConfig:
+        """REINFORCE's settings (`rl.reinforce_objective`)."""
+        return RLObjectiveConfig(kl_coef=self.kl_coef, max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
+                                 temperature=self.temperature,
+                                 micro_batch_size=micro_batch_size or self.micro_batch_size)
+
+
+LoopSection = create_model("LoopSection", __base__=(Section, _LoopMethods),
+                           __doc__="The training loop's knobs (`settings.LoopConfig`).",
+                           **_loop_fields(LoopConfig(), NextTokenConfig().micro_batch_size))
+ReinforceSection = create_model("ReinforceSection", __base__=(LoopSection, _ReinforceMethods),
+                                __doc__="REINFORCE's knobs (`settings.RLObjectiveConfig`).",
+                                **_reinforce_fields(RLObjectiveConfig()))
 
 
 class TrainingSection(PerTaskSection, LoopSection):
@@ -152,8 +186,15 @@ class RLParams(PerTaskSection, ReinforceSection):
     objective: Literal["reinforce", "next_token"] = "reinforce"
     val_size: Optional[int] = Field(default=24, ge=1)
 
+    def next_token_config(self) -> NextTokenConfig:
+        """The Table-4 ablation "SVF + next-token"."""
+        return NextTokenConfig(micro_batch_size=self.micro_batch_size)
 
-class LoRAParams(TrainingSection):
+
+_LoRALoop = create_model("_LoRALoop", __base__=TrainingSection, **_loop_fields(LORA_LOOP, 8))
+
+
+class LoRAParams(_LoRALoop):
     """The paper's LoRA baseline: PEFT LoRA on q/v, rank 16, alpha 32, dropout 0.05, trained with
     next-token prediction on the same training split as the SVF expert, validated the same way
     (rl.max_new_tokens, rl.val_size, same scorers). objective: reinforce is the Table-4 ablation
@@ -164,33 +205,47 @@ class LoRAParams(TrainingSection):
     dropout: float = Field(default=0.05, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
     objective: Literal["next_token", "reinforce"] = "next_token"
-    lr: float = Field(default=5e-4, gt=0)
-    optimizer: Literal["adam", "adamw"] = "adamw"
-    lr_schedule: Literal["constant", "cosine"] = "cosine"
-    grad_clip: float = Field(default=1.0, gt=0)
-    max_answer_tokens: Optional[int] = Field(default=None, ge=1)
+    max_answer_tokens: Optional[int] = Field(default=NextTokenConfig().max_answer_tokens, ge=1)
     """next_token: cut longer reference answers (tokens); None keeps them whole."""
 
+    def lora_config(self):
+        """PEFT's LoraConfig of this baseline."""
+        from .lora import lora_config
 
-class ClassifierParams(ReinforceSection):
+        return lora_config(self.rank, self.alpha, self.dropout, self.target_modules)
+
+    def next_token_config(self) -> NextTokenConfig:
+        return NextTokenConfig(micro_batch_size=self.micro_batch_size, max_answer_tokens=self.max_answer_tokens)
+
+
+_ClassifierLoop = create_model("_ClassifierLoop", __base__=ReinforceSection,
+                               **_loop_fields(CLASSIFIER_LOOP, CLASSIFIER_OBJECTIVE.micro_batch_size),
+                               **_reinforce_fields(CLASSIFIER_OBJECTIVE))
+
+
+class ClassifierParams(_ClassifierLoop):
     """The classification expert z_c: REINFORCE (reward +-1 for the right \\boxed{label}) on prompts of
     the TRAINING splits of the expert tasks, balanced per category; validated on their validation
     splits. Dispatch accuracy of the base prompt and of z_c is then measured on held-out prompts:
     the test splits of every task in data.tasks (`heldout_per_task` each), in every mode of `modes`."""
 
-    steps: int = Field(default=8, ge=1)
-    batch_size: int = Field(default=12, ge=1)
-    micro_batch_size: int = Field(default=12, ge=1)
-    max_new_tokens: int = Field(default=32, ge=1)
     per_class: Optional[int] = Field(default=None, ge=1)
     """Training prompts per category (null: as many as the smallest expert task's training split)."""
     val_per_class: int = Field(default=8, ge=1)
     heldout_per_task: Optional[int] = Field(default=10, ge=1)
     """Held-out test prompts per task for the dispatch confusion matrices (null: whole test splits)."""
     modes: list[Literal["generate", "loglik"]] = Field(default_factory=lambda: ["generate", "loglik"])
+    sources: list[str] = Field(default_factory=lambda: list(TRAIN_TASKS))
+    """Tasks whose training prompts z_c learns from, labelled by their category (never an eval.adapt_tasks task)."""
     train_mode: Literal["generate", "loglik"] = "generate"
     """generate (the paper): the decoded \\boxed{label} is rewarded; loglik: the most likely of the four
     label continuations is (no decoding), validated by loglik dispatch accuracy."""
+
+
+    @field_validator("sources")
+    @classmethod
+    def _sources(cls, v: list[str]) -> list[str]:
+        return _known_tasks(v)
 
 
 class CEMParams(PerTaskSection):
@@ -200,17 +255,21 @@ class CEMParams(PerTaskSection):
     elite_ratio 0.2, init_std 0.5, per_matrix true; paper: 10 shots, up to 100 generations."""
 
     tasks: list[str] = Field(default_factory=lambda: list(UNSEEN_TASKS))
-    population: int = Field(default=32, ge=2)
-    elite_ratio: float = Field(default=0.2, gt=0, le=1)
-    generations: int = Field(default=10, ge=1)
+    population: int = Field(default=CEMConfig.population, ge=2)
+    elite_ratio: float = Field(default=CEMConfig.elite_ratio, gt=0, le=1)
+    generations: int = Field(default=CEMConfig.generations, ge=1)
     shots: int = Field(default=10, ge=1)
-    init_std: float = Field(default=0.5, ge=0)
-    per_matrix: bool = False
-    keep_best: bool = True
+    init_std: float = Field(default=CEMConfig.init_std, ge=0)
+    per_matrix: bool = CEMConfig.per_matrix
+    keep_best: bool = CEMConfig.keep_best
     method: Literal["batched", "naive"] = "batched"
     batch_size: int = Field(default=16, ge=1)
     max_new_tokens: int = Field(default=128, ge=1)
     """Generation tasks (MATH, HumanEval): the shots are answered greedily up to this many tokens."""
+
+    def cem_config(self, seed: int) -> CEMConfig:
+        """The search's settings (`cem.cem_search`)."""
+        return CEMConfig(**{f.name: getattr(self, f.name) for f in fields(CEMConfig) if f.name != "seed"}, seed=seed)
 
 
 class EvalParams(PerTaskSection):
@@ -243,6 +302,8 @@ class TrackingParams(Section):
 
 class Params(Section):
     seed: int = 0
+    task_modules: list[str] = Field(default_factory=list)
+    """Task files of your own (paths of .py files or module names) registered before anything else is read."""
     model: ModelParams = Field(default_factory=ModelParams)
     data: DataParams = Field(default_factory=DataParams)
     svf: SVFParams = Field(default_factory=SVFParams)
@@ -258,6 +319,9 @@ class Params(Section):
         missing = [t for t in self.eval.adapt_tasks if t not in self.cem.tasks]
         if missing:
             raise ValueError(f"eval.adapt_tasks: {missing} have no few-shot CEM result; add them to cem.tasks")
+        leaked = sorted(set(self.classifier.sources) & set(self.eval.adapt_tasks))
+        if leaked:
+            raise ValueError(f"classifier.sources: {leaked} are unseen tasks (eval.adapt_tasks), not training data")
         return self
 
 
@@ -279,6 +343,13 @@ def parse_params(data: dict[str, Any] | None, source: str = "params") -> Params:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    modules = data.get("task_modules") or []
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise ConfigError(f"{source}: invalid config\n  task_modules: must be a list of module names or .py paths")
+    try:
+        load_task_modules(modules)
+    except TaskError as err:
+        raise ConfigError(f"{source}: {err}") from None
     try:
         return Params.model_validate(data)
     except ValidationError as err:

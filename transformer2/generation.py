@@ -1,12 +1,13 @@
 """Batched generation and accuracy, shared by RL rollouts, validation and the LoRA baselines.
 
-Prompts are the model's chat template applied to `prompts.build_messages`; completions are
-scored by `scoring.score_batch`, so training reward and evaluation accuracy are one function.
+Prompts are the model's chat template applied to the task's messages (`tasks`); completions
+are scored by `tasks.score_batch`, so training reward and evaluation accuracy are one function.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -28,8 +29,19 @@ class Rollout:
         return int(self.completion_mask.sum())
 
 
+@contextmanager
+def left_padding(tokenizer) -> Iterator[None]:
+    """Batched generation continues from the right edge: pad prompts on the left meanwhile."""
+    old = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = old
+
+
 def chat_prompts(tokenizer, task: str, docs: Sequence[dict]) -> list[str]:
-    from .prompts import build_messages
+    from .tasks import build_messages
 
     return [tokenizer.apply_chat_template(build_messages(task, doc), tokenize=False, add_generation_prompt=True)
             for doc in docs]
@@ -87,7 +99,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: 
 def accuracy(model, tokenizer, task: str, docs: Sequence[dict], *, max_new_tokens: int, batch_size: int = 8,
              progress: Progress = None) -> tuple[float, list[bool], list[str]]:
     """Greedy answers scored by the task's scorer: (accuracy, per-doc correctness, completions)."""
-    from .scoring import score_batch
+    from .tasks import score_batch
 
     if not docs:
         raise ValueError(f"{task}: no documents to evaluate")

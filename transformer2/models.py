@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 from .errors import UserError
+from .files import atomic_write_text
 
 Progress = Optional[Callable[[str], None]]
 
@@ -94,7 +95,7 @@ class ModelInfo:
     revision: Optional[str] = None
 
     def save(self, out_dir: Path) -> None:
-        _atomic_write_text(Path(out_dir) / MODEL_INFO, json.dumps(asdict(self), indent=2) + "\n")
+        atomic_write_text(Path(out_dir) / MODEL_INFO, json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def load(cls, out_dir: str | Path) -> "ModelInfo":
@@ -102,13 +103,6 @@ class ModelInfo:
         if not path.is_file():
             raise ModelError(f"{path} not found: run the model stage first (`t2 model` or `dvc repro model`)")
         return cls(**json.loads(path.read_text()))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def cache_dir() -> Path:

@@ -10,16 +10,18 @@ import json
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
-from .config import TRAIN_TASKS, UNSEEN_TASKS
+from .cells import KIND_TITLES, TWO_PASS_KINDS
+from .files import atomic_save
+from .tasks import PAPER_TRAIN_TASKS as TRAIN_TASKS, PAPER_UNSEEN_TASKS as UNSEEN_TASKS, TASKS
 
 Cells = dict[tuple[str, str], dict]  # (kind, task) -> the cell's metrics file content
 
 TABLE1_KINDS = ("base", "lora", "svf")
-TABLE2_KINDS = ("base", "prompt", "classifier", "few_shot")
-KIND_TITLES = {"base": "base", "lora": "LoRA", "svf": "SVF", "prompt": "prompt", "classifier": "classifier",
-               "few_shot": "few-shot"}
-TASK_TITLES = {"gsm8k": "GSM8K", "mbpp": "MBPP", "arc_easy": "ARC-Easy", "math": "MATH", "humaneval": "HumanEval",
-               "arc_challenge": "ARC-Challenge"}
+TABLE2_KINDS = ("base", *TWO_PASS_KINDS)
+
+
+def task_title(task: str) -> str:
+    return TASKS[task].title if task in TASKS else task
 
 
 def read_cells(metrics_dir: str | Path) -> Cells:
@@ -44,7 +46,7 @@ def table(cells: Cells, kinds: Sequence[str], tasks: Sequence[str], title: str) 
     for task in tasks:
         row = [cells.get((k, task)) for k in kinds]
         metric = next((c["metric"] for c in row if c), "–")
-        rows.append(f"| {TASK_TITLES.get(task, task)} | {metric} | " + " | ".join(_fmt(c) for c in row) + " |")
+        rows.append(f"| {task_title(task)} | {metric} | " + " | ".join(_fmt(c) for c in row) + " |")
     return "\n".join(rows) + "\n"
 
 
@@ -72,7 +74,7 @@ def timing_table(cells: Cells, kinds: Sequence[str] = TABLE2_KINDS[1:], tasks: S
                 continue
             ratio = c.get("first_to_second")
             search = c.get("adaptation_search_s")
-            rows.append(f"| {TASK_TITLES.get(task, task)} | {KIND_TITLES.get(kind, kind)} | {c['first_pass_s']:.2f} | "
+            rows.append(f"| {task_title(task)} | {KIND_TITLES.get(kind, kind)} | {c['first_pass_s']:.2f} | "
                         f"{c['second_pass_s']:.2f} | {'–' if ratio is None else f'{100 * ratio:.1f}%'} | "
                         f"{'–' if search is None else f'CEM {search:.0f} s'} |")
     return "\n".join(rows) + "\n" if len(rows) > 4 else ""
@@ -87,7 +89,7 @@ def dispatch_table(classifier: Optional[dict]) -> str:
                    key=lambda t: (TRAIN_TASKS + UNSEEN_TASKS).index(t) if t in TRAIN_TASKS + UNSEEN_TASKS else 99)
     rows = [f"### Dispatch accuracy ({classifier.get('heldout_docs', '?')} held-out test prompts; "
             "confusion matrices in plots/dispatch/)", "",
-            "| first pass | mode | accuracy | " + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " | seconds |",
+            "| first pass | mode | accuracy | " + " | ".join(task_title(t) for t in tasks) + " | seconds |",
             "|" + "---|" * (len(tasks) + 4)]
     for name, r in results.items():
         who, _, mode = name.partition("_")
@@ -108,7 +110,7 @@ def cem_table(cem: Mapping[str, dict]) -> str:
     for task, m in cem.items():
         alpha = m.get("alpha")
         shown = "per matrix" if alpha is None else ", ".join(f"{k} {a:.2f}" for k, a in zip(m["experts"], alpha))
-        rows.append(f"| {TASK_TITLES.get(task, task)} | {m['shots']} ({m['shot_split']}) | "
+        rows.append(f"| {task_title(task)} | {m['shots']} ({m['shot_split']}) | "
                     f"{m['population']} × {m['generations']} | {shown} | {100 * m['accuracy']:.0f}% | "
                     f"{m['loglik']:.3f} | {m['search_seconds']:.0f} |")
     return "\n".join(rows) + "\n"
@@ -143,11 +145,10 @@ def plot_cells(cells: Cells, path: str | Path) -> None:
         xs = [j + i * width for j, t in enumerate(tasks) if (kind, t) in cells]
         ys = [100 * cells[(kind, t)]["value"] for t in tasks if (kind, t) in cells]
         ax.bar(xs, ys, width, label=KIND_TITLES.get(kind, kind))
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], [TASK_TITLES.get(t, t) for t in tasks])
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], [task_title(t) for t in tasks])
     ax.set_ylabel("accuracy (%)")
     ax.legend(fontsize=8)
     ax.set_title("transformer2: base vs adapted, per task")
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)

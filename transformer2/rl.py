@@ -8,7 +8,6 @@ rollout (frozen adapted weights, KV cache) → score → log-probs with gradient
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -16,15 +15,7 @@ import torch.nn.functional as F
 
 from .adapters import Adapter
 from .generation import Rollout, chat_prompts, rollout
-
-
-@dataclass
-class RLObjectiveConfig:
-    kl_coef: float = 0.0
-    max_new_tokens: int = 256
-    do_sample: bool = False       # reference: greedy, one sample per prompt
-    temperature: float = 1.0
-    micro_batch_size: int = 8     # rollout / log-prob / backward chunk; the step still sees the whole batch
+from .settings import RLObjectiveConfig
 
 
 def completion_logits(model, ro: Rollout) -> torch.Tensor:
@@ -52,7 +43,7 @@ def kl_to_base(logits: torch.Tensor, base_logits: torch.Tensor, mask: torch.Tens
 
 def reinforce_objective(model, tokenizer, adapter: Adapter, task: str, cfg: RLObjectiveConfig):
     """The RL objective for `training.fit`: rollout → score → log-probs → loss → backward."""
-    from .scoring import score_batch
+    from .tasks import score_batch
 
     def objective(docs: Sequence[dict]) -> dict:
         totals = dict(reward=0.0, kl=0.0, completion_tokens=0, seconds_rollout=0.0, seconds_score=0.0,
@@ -113,6 +104,6 @@ def train_svf_expert(model, tokenizer, expert, task: str, train_docs: Sequence[d
         return accuracy(model, tokenizer, task, val_docs, max_new_tokens=objective_cfg.max_new_tokens,
                         batch_size=eval_batch_size)[0]
 
-    result = fit(adapter, objective, validate, train_docs, loop, run_dir, resume=resume,
+    result = fit(adapter, objective, validate, train_docs, loop, run_dir, resume=resume, inputs=val_docs,
                  run_id=f"svf-rl|{task}|{expert.base_fingerprint}|{objective_cfg}|{run_id}", progress=progress)
     return result, adapter

@@ -1,20 +1,10 @@
-"""Small process-level helpers shared by the stages: seeding, timing, peak memory."""
+"""Small process-level helpers shared by the stages: timing, peak memory."""
 from __future__ import annotations
 
-import random
 import resource
 import time
 from contextlib import contextmanager
 from typing import Iterator
-
-
-def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def peak_rss_mb() -> float:

@@ -3,7 +3,7 @@
     loss = −(1/N) Σ_i Σ_t log π(a_it | x_i, a_i<t),   N = answer tokens in the whole batch
 
 where x_i is the chat prompt the model sees at evaluation (`generation.chat_prompts`) and a_i
-is `prompts.reference_answer` (the gold answer in the format the scorer reads) followed by
+is the task's `reference_answer` (the gold answer in the format the scorer reads) followed by
 the stop token rollouts end at. Prompt tokens carry no loss. This is the paper's LoRA
 baseline objective and its "SVF + next-token" ablation (Table 4): the objective is written
 against `Adapter`, so the same function trains an SVF expert or a LoRA adapter.
@@ -17,21 +17,15 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import torch
 
 from .adapters import Adapter
 from .generation import Rollout, chat_prompts
-from .prompts import reference_answer
+from .tasks import reference_answer
 from .rl import completion_logits, token_logprobs
-
-
-@dataclass
-class NextTokenConfig:
-    micro_batch_size: int = 8                # forward/backward chunk; the step still sees the whole batch
-    max_answer_tokens: Optional[int] = None  # cut longer reference answers (EOS included); None: whole
+from .settings import NextTokenConfig
 
 
 def stop_token_id(tokenizer, model=None) -> int:
@@ -152,6 +146,6 @@ def train_next_token(model, tokenizer, adapter: Adapter, task: str, train_docs: 
         return accuracy(model, tokenizer, task, val_docs, max_new_tokens=max_new_tokens,
                         batch_size=eval_batch_size)[0]
 
-    result = fit(adapter, objective, validate, train_docs, loop, run_dir, resume=resume,
+    result = fit(adapter, objective, validate, train_docs, loop, run_dir, resume=resume, inputs=val_docs,
                  run_id=f"{adapter.kind}-next_token|{task}|{cfg}|{max_new_tokens}|{run_id}", progress=progress)
     return result, adapter

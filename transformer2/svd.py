@@ -11,7 +11,6 @@ leaves a cache that looks complete but is not.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -21,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from .errors import UserError
+from .files import atomic_save, atomic_write_text
 
 FORMAT = "transformer2.svd/1"
 Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -70,11 +70,9 @@ def decompose(model: nn.Module, module_names: list[str], cache: str | Path, fing
             U, S, Vh = thin_svd(weight)
             w = weight.detach().to("cpu", torch.float32)
             errors[name] = float(torch.linalg.norm((U * S) @ Vh - w) / torch.linalg.norm(w).clamp_min(1e-30))
-            tmp = path.with_name(path.name + ".tmp")
-            save_file({"U": U, "S": S, "Vh": Vh}, str(tmp), metadata={
-                "format": FORMAT, "fingerprint": fingerprint, "module": name,
-                "shape": json.dumps(shapes[name]), "rel_error": repr(errors[name])})
-            os.replace(tmp, path)
+            meta = {"format": FORMAT, "fingerprint": fingerprint, "module": name,
+                    "shape": json.dumps(shapes[name]), "rel_error": repr(errors[name])}
+            atomic_save(path, lambda tmp: save_file({"U": U, "S": S, "Vh": Vh}, str(tmp), metadata=meta))
         if progress:
             progress(i + 1, len(module_names), name)
     for stale in (cache / "factors").glob("*.safetensors"):  # left by an earlier target set
@@ -83,9 +81,7 @@ def decompose(model: nn.Module, module_names: list[str], cache: str | Path, fing
     index = {"format": FORMAT, "fingerprint": fingerprint, "modules": module_names, "shapes": shapes,
              "dtype": "float32", "max_rel_error": max(errors.values()),
              "seconds_this_run": round(time.perf_counter() - start, 3)}
-    tmp = index_path.with_name("index.json.tmp")
-    tmp.write_text(json.dumps(index, indent=1) + "\n")
-    os.replace(tmp, index_path)
+    atomic_write_text(index_path, json.dumps(index, indent=1) + "\n")
     return index
 
 

@@ -11,45 +11,26 @@ as an uninterrupted run with the same seed.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .adapters import Adapter
 from .errors import UserError
+from .files import atomic_save
+from .identity import docs_bytes, run_fingerprint
+from .settings import LoopConfig
 
 CHECKPOINT = "checkpoint.pt"
 Objective = Callable[[list[dict]], dict]  # docs -> metrics (floats); gradients accumulated
 Validate = Callable[[], float]            # accuracy of the adapter in its current state
 Progress = Optional[Callable[[dict], None]]
-
-
-@dataclass
-class LoopConfig:
-    steps: int = 20
-    batch_size: int = 8
-    lr: float = 2e-3
-    optimizer: str = "adam"          # adam (reference) | adamw (paper)
-    weight_decay: float = 0.0
-    lr_schedule: str = "constant"    # constant | cosine
-    warmup_steps: int = 0
-    grad_clip: float = 1e-3
-    eval_every: int = 5
-    checkpoint_every: int = 1
-    seed: int = 0
-
-    def fingerprint(self, extra: dict | None = None) -> str:
-        """Identifies the run: resuming under a different config would silently mix two runs."""
-        return run_fingerprint({**asdict(self), **(extra or {})})
 
 
 @dataclass
@@ -108,38 +89,24 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def run_fingerprint(identity: Any, blobs: Iterable[bytes] = ()) -> str:
-    """A short stable hash of what a resumable run depends on: JSON-able settings, then the raw
-    bytes of its inputs (expert vectors, files), so changed inputs never resume an old run."""
-    h = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
-    for blob in blobs:
-        h.update(blob)
-    return h.hexdigest()[:16]
-
-
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """torch.save to a temporary name, fsync, rename: a kill at any moment leaves the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save, atomically: a kill at any moment leaves the old or the new file."""
+    atomic_save(path, lambda tmp: torch.save(payload, tmp))
 
 
 def fit(adapter: Adapter, objective: Objective, validate: Validate, train_docs: Sequence[dict],
         cfg: LoopConfig, run_dir: str | Path, *, resume: bool = False, run_id: str = "",
-        progress: Progress = None) -> TrainResult:
+        inputs: Sequence[Any] = (), progress: Progress = None) -> TrainResult:
     """Train `adapter` with `objective` for cfg.steps steps, validating every cfg.eval_every steps.
 
-    `run_id` names everything else the run depends on (task, objective settings, base model);
-    a checkpoint from a different run is never resumed.
+    The run's identity is the loop config, `run_id` (task, objective settings, base model), the
+    training docs and `inputs` (e.g. the validation docs); a checkpoint of another run is never resumed.
     """
     if not train_docs:
         raise UserError("no training documents")
     ckpt_path = Path(run_dir) / CHECKPOINT
     opt, sched = make_optimizer(adapter.trainable(), cfg)
-    identity = cfg.fingerprint({"run_id": run_id})
+    identity = run_fingerprint({**asdict(cfg), "run_id": run_id}, [docs_bytes(train_docs), docs_bytes(inputs)])
     step, history, validations, best, resumed_from = 0, [], [], None, 0
     base_acc = None
     if resume and ckpt_path.exists():

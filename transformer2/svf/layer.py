@@ -49,6 +49,13 @@ class SVFLinear(nn.Module):
         if z is not None and z.dim() == 1 and not z.requires_grad:
             self._weight = self.adapted_weight(z)
 
+    def state(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The active z and its rebuilt W' (if any), to put back later without a rebuild."""
+        return self.z, self._weight
+
+    def restore(self, state: tuple[Optional[torch.Tensor], Optional[torch.Tensor]]) -> None:
+        self.z, self._weight = state
+
     def adapted_weight(self, z: torch.Tensor) -> torch.Tensor:
         s = self.config.scaled_singular_values(self.S, z.to(self.S))
         return (self.U * s) @ self.Vh

@@ -7,10 +7,10 @@ parameterisation, provenance), so it cannot be applied to the wrong base by acci
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -19,6 +19,7 @@ from torch import nn
 from .config import SVFConfig
 from .layer import SVFLinear
 from ..errors import UserError
+from ..files import atomic_save, atomic_write_text
 
 EXPERT_FORMAT = "transformer2.svf-expert/1"
 WEIGHTS_NAME = "expert.safetensors"
@@ -48,10 +49,8 @@ class Expert:
                 "svf": self.config.to_dict(), "modules": {k: v.numel() for k, v in self.vectors.items()},
                 "num_parameters": self.num_parameters, "provenance": self.provenance}
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.vectors.items()}
-        save_file(tensors, str(folder / (WEIGHTS_NAME + ".tmp")), metadata={"format": EXPERT_FORMAT})
-        (folder / (META_NAME + ".tmp")).write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(folder / (WEIGHTS_NAME + ".tmp"), folder / WEIGHTS_NAME)
-        os.replace(folder / (META_NAME + ".tmp"), folder / META_NAME)
+        atomic_save(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": EXPERT_FORMAT}))
+        atomic_write_text(folder / META_NAME, json.dumps(meta, indent=2) + "\n")
 
     @classmethod
     def load(cls, folder: str | Path) -> "Expert":
@@ -85,6 +84,30 @@ def apply_svf(model: nn.Module, factors: Mapping[str, tuple[torch.Tensor, torch.
 
 def svf_layers(model: nn.Module) -> dict[str, SVFLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, SVFLinear)}
+
+
+RowZ = Mapping[str, torch.Tensor]  # module name -> (N, r): one z per row of a batch
+
+
+@contextmanager
+def preserved_svf_state(model: nn.Module) -> Iterator[None]:
+    """Restore every SVF layer's active z (and its already rebuilt W') on exit, without rebuilding."""
+    saved = [(layer, layer.state()) for layer in svf_layers(model).values()]
+    try:
+        yield
+    finally:
+        for layer, state in saved:
+            layer.restore(state)
+
+
+def set_row_z(model: nn.Module, row_z: Optional[RowZ], index: Optional[torch.Tensor] = None) -> None:
+    """Activate one z per batch row (rows `index` of `row_z`), or the base weights if row_z is None."""
+    for name, layer in svf_layers(model).items():
+        if row_z is None:
+            layer.set_z(None)
+        else:
+            z = row_z[name]
+            layer.set_z((z if index is None else z[index.to(z.device)]).to(layer.S.device))
 
 
 def remove_svf(model: nn.Module) -> None:

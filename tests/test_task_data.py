@@ -1,7 +1,7 @@
 import pytest
 
-from transformer2.benchmarks import (BENCHMARKS, DataError, data_dir, export_splits, load_source, load_split,
-                                     prepare_splits, read_jsonl)
+from transformer2.tasks import (DataError, TaskError, benchmark_names, data_dir, export_splits, load_source,
+                               load_split, prepare_splits, read_jsonl)
 
 PAPER_COUNTS = {
     "gsm8k": {"train": 3737, "validation": 3736, "test": 1319},
@@ -13,7 +13,7 @@ PAPER_COUNTS = {
 }
 
 
-@pytest.mark.parametrize("name", list(BENCHMARKS))
+@pytest.mark.parametrize("name", benchmark_names())
 def test_split_counts_on_mirror(name, mirror):
     splits = prepare_splits(name, mirror)
     assert {k: len(v) for k, v in splits.items()} == PAPER_COUNTS[name]
@@ -57,7 +57,7 @@ def test_data_dir_resolution(monkeypatch, tmp_path):
     assert data_dir(None) == tmp_path
     with pytest.raises(DataError, match="data.dir points at"):
         data_dir(str(tmp_path / "missing"))
-    with pytest.raises(DataError, match="unknown benchmark"):
+    with pytest.raises(TaskError, match="unknown task"):
         load_source("squad", "train", tmp_path)
 
 
@@ -67,7 +67,7 @@ def test_unexported_split_says_which_stage(tmp_path):
 
 
 def test_fewshot_holdout_only_for_tasks_without_train_split(mirror, tmp_path):
-    from transformer2.benchmarks import FEWSHOT_SPLIT, shot_pool
+    from transformer2.tasks import FEWSHOT_SPLIT, shot_pool
 
     full = prepare_splits("humaneval", mirror)
     held = prepare_splits("humaneval", mirror, fewshot_holdout=10)

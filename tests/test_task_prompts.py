@@ -3,11 +3,12 @@ from pathlib import Path
 
 import pytest
 
-from transformer2.prompts import (CATEGORIES, CLASSIFY_SYSTEM_PROMPT, SYSTEM_PROMPTS, build_classify_messages,
-                                  build_messages, parse_category, question_text, reference_answer)
-from transformer2.scoring import SCORERS, score_batch
+from transformer2.tasks import (CATEGORIES, benchmark_names, build_classify_messages, build_messages, get_task,
+                               parse_category, question_text, reference_answer, score_batch)
+from transformer2.tasks.classify import CLASSIFY_SYSTEM_PROMPT
 
 TASKS = ("gsm8k", "arc_easy", "arc_challenge", "math", "mbpp", "humaneval")
+SYSTEM_PROMPTS = {t: get_task(t).system_prompt for t in benchmark_names()}
 
 
 def load(mirror: Path, task: str, n: int) -> list[dict]:
@@ -43,7 +44,7 @@ def test_arc_options_are_lettered():
     text = question_text("arc_easy", ARC_NUMERIC)
     assert text == "Which is a liquid?\nOptions:\nA. rock\nB. water\nC. ice\n"
     assert reference_answer("arc_easy", ARC_NUMERIC) == "The answer is (B)."
-    assert SCORERS["arc_easy"](ARC_NUMERIC, reference_answer("arc_easy", ARC_NUMERIC))
+    assert get_task("arc_easy").score(ARC_NUMERIC, reference_answer("arc_easy", ARC_NUMERIC))
 
 
 def test_code_prompts_show_what_the_tests_need(mirror):
@@ -62,7 +63,7 @@ def test_gsm8k_reference_drops_calculator_annotations():
 @pytest.mark.parametrize("task", ("gsm8k", "arc_easy", "arc_challenge", "math"))
 def test_reference_answers_score_true(mirror, task):
     docs = load(mirror, task, 30)
-    assert all(SCORERS[task](d, reference_answer(task, d)) for d in docs)
+    assert all(get_task(task).score(d, reference_answer(task, d)) for d in docs)
 
 
 @pytest.mark.parametrize("task", ("mbpp", "humaneval"))

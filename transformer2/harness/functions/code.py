@@ -14,7 +14,7 @@ from math import comb
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from ..sandbox import SandboxLimits, run_many
+from ...sandbox import SandboxLimits, run_many
 
 # code_eval gives each program 3 s; the sandbox adds interpreter start-up, hence the wall margin.
 LIMITS = SandboxLimits(timeout_s=5.0, cpu_s=3)

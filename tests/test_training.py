@@ -1,0 +1,80 @@
+"""The training loop's run identity: a checkpoint resumes only the same run (config and data)."""
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from transformer2.settings import LoopConfig
+from transformer2.training import fit
+
+
+class VectorAdapter:
+    """A toy adapter: one vector, so the loop's bookkeeping is tested without a model."""
+
+    kind = "toy"
+
+    def __init__(self):
+        self.tensors = {"w": torch.zeros(3, requires_grad=True)}
+
+    def trainable(self):
+        return list(self.tensors.values())
+
+    def state(self):
+        return {k: v.detach().clone() for k, v in self.tensors.items()}
+
+    def load_state(self, state):
+        with torch.no_grad():
+            for k, v in state.items():
+                self.tensors[k].copy_(v)
+
+    @contextmanager
+    def disabled(self):
+        yield
+
+    @contextmanager
+    def inference(self):
+        yield
+
+
+def _objective(adapter, crash_at=None):
+    calls = []
+
+    def objective(docs):  # pull w towards the mean target of the batch
+        calls.append(1)
+        if len(calls) == crash_at:
+            raise KeyboardInterrupt  # a kill after the previous step's checkpoint
+        target = torch.tensor([d["y"] for d in docs], dtype=torch.float32).mean()
+        loss = ((adapter.tensors["w"] - target) ** 2).sum()
+        loss.backward()
+        return {"loss": float(loss)}
+
+    return objective
+
+
+def _run(docs, run_dir, steps, resume, crash_at=None):
+    adapter = VectorAdapter()
+    cfg = LoopConfig(steps=steps, batch_size=2, lr=0.1, grad_clip=10.0, eval_every=1)
+    result = fit(adapter, _objective(adapter, crash_at), lambda: float(-adapter.tensors["w"].sum()), docs, cfg, run_dir,
+                 resume=resume)
+    return result, adapter.state()["w"]
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    docs = [{"y": float(i)} for i in range(6)]
+    with pytest.raises(KeyboardInterrupt):
+        _run(docs, tmp_path, steps=4, resume=False, crash_at=3)
+    resumed, w = _run(docs, tmp_path, steps=4, resume=True)
+    assert resumed.resumed_from == 2
+    _, w_straight = _run(docs, tmp_path / "straight", steps=4, resume=False)
+    assert torch.equal(w, w_straight)
+
+
+def test_changed_training_data_never_resumes_the_old_run(tmp_path, capsys):
+    old = [{"y": 1.0}] * 6
+    with pytest.raises(KeyboardInterrupt):
+        _run(old, tmp_path, steps=3, resume=False, crash_at=3)
+    new = [{"y": 5.0}] * 6
+    result, w = _run(new, tmp_path, steps=3, resume=True)
+    assert result.resumed_from == 0 and "different config" in capsys.readouterr().out
+    _, fresh = _run(new, tmp_path / "fresh", steps=3, resume=False)
+    assert torch.equal(w, fresh)  # the new data's expert, not the old checkpoint's
