@@ -8,8 +8,8 @@ from transformer2.tasks.answers import extract_boxed, extract_code
 from transformer2.tasks.arc import extract_choice, score as score_arc
 from transformer2.tasks.gsm8k import extract_answer as extract_gsm8k_answer, score as score_gsm8k
 from transformer2.tasks.hendrycks_math import score as score_math
-from transformer2.tasks.humaneval import program as code_program_humaneval, score as score_humaneval
-from transformer2.tasks.mbpp import program as code_program_mbpp, score as score_mbpp
+from transformer2.tasks.humaneval import checks as humaneval_checks, score as score_humaneval
+from transformer2.tasks.mbpp import checks as mbpp_checks, score as score_mbpp
 
 
 def load(mirror: Path, task: str, split: str = "test", n: int | None = None) -> list[dict]:
@@ -166,9 +166,10 @@ MBPP_DOC = {"task_id": 1, "text": "Add one.", "code": "def add_one(x):\r\n  retu
             "challenge_test_list": []}
 
 
-def test_mbpp_program_and_score():
-    program = code_program_mbpp(MBPP_DOC, "Sure!\n```python\ndef add_one(x):\n    return x + 1\n```\nDone.")
-    assert program.endswith("assert add_one(1) == 2\nassert add_one(-1) == 0\n") and "\r" not in program
+def test_mbpp_checks_and_score():
+    checks = mbpp_checks(MBPP_DOC, "Sure!\n```python\ndef add_one(x):\n    return x + 1\n```\nDone.")
+    assert checks["candidate"].strip() == "def add_one(x):\n    return x + 1" and checks["entry_points"] == ["add_one"]
+    assert checks["tests"].endswith("assert add_one(1) == 2\nassert add_one(-1) == 0\n")
     assert score_mbpp(MBPP_DOC, "```python\ndef add_one(x):\n    return x + 1\n```")
     assert not score_mbpp(MBPP_DOC, "```python\ndef add_one(x):\n    return x + 2\n```")
     assert not score_mbpp(MBPP_DOC, "```python\nimport sys\ndef add_one(x):\n    return 0\nsys.exit(0)\n```")
@@ -192,8 +193,12 @@ def test_humaneval_body_and_full_function(mirror):
     d = docs[0]
     assert not score_humaneval(d, "    return None\n")
     assert not score_humaneval(d, f"```python\ndef {d['entry_point']}(*a):\n    import os\n    os._exit(0)\n```")
-    program = code_program_humaneval(d, d["canonical_solution"] + "\n\ndef unrelated():\n    pass\n")
-    assert "unrelated" not in program and program.rstrip().endswith(f"check({d['entry_point']})")
+    checks = humaneval_checks(d, d["canonical_solution"] + "\n\ndef unrelated():\n    pass\n")
+    assert "unrelated" not in checks["candidate"] and checks["tests"].rstrip().endswith(f"check({d['entry_point']})")
+    assert checks["prelude"] == d["prompt"] and checks["entry_points"] == [d["entry_point"]]
+    forged = "```python\nclass Yes:\n    def __eq__(self, other):\n        return True\n" \
+             f"def {d['entry_point']}(*a, **k):\n    return Yes()\n```"
+    assert not score_humaneval(d, forged)  # an always-equal object is no answer
 
 
 def test_score_batch_order_and_errors():

@@ -97,7 +97,7 @@ class Task:
     score: Callable[[Doc, str], bool]  # did the completion answer the doc? (RL reward and accuracy)
     source: Optional[Source] = None  # None: a pseudo-task with no data of its own (dispatch's "classify")
     make_splits: Callable[[dict[str, list[Doc]]], Splits] = official
-    program: Optional[Callable[[Doc, str], str]] = None  # code tasks: the program the sandbox runs
+    checks: Optional[Callable[[Doc, str], dict]] = None  # code tasks: `sandbox.run_tests` arguments (candidate, tests, ...)
     choices: Optional[Callable[[Doc], tuple[list[str], int]]] = None  # multiple choice: option continuations, gold
     max_new_tokens: int = 512  # paper-style generation length (the reference's)
     subsets: tuple[Subset, ...] = ()
@@ -121,12 +121,13 @@ class Task:
         return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": self.question(doc)}]
 
 
-def code_scorer(program: Callable[[Doc, str], str]) -> Callable[..., bool]:
-    """The scorer of a code task: the program built from doc and completion passes in the sandbox."""
+def code_scorer(checks: Callable[[Doc, str], dict]) -> Callable[..., bool]:
+    """The scorer of a code task: the benchmark's tests pass against the completion's code, judged
+    outside the candidate's process (`sandbox.run_tests`), so the code cannot forge its verdict."""
     def score(doc: Doc, completion: str, limits=None) -> bool:
-        from ..sandbox import SandboxLimits, run_python
+        from ..sandbox import SandboxLimits, run_tests
 
-        return run_python(program(doc, completion), limits or SandboxLimits()).passed
+        return run_tests(**checks(doc, completion), limits=limits or SandboxLimits()).passed
 
     return score
 
@@ -169,12 +170,12 @@ def reference_answer(task: str, doc: Doc) -> str:
 def score_batch(task: str, docs: Sequence[Doc], completions: Sequence[str], workers: int = 2,
                 limits=None) -> list[bool]:
     """Scores in input order; code tasks run `workers` sandboxes at a time."""
-    from ..sandbox import SandboxLimits, run_many
+    from ..sandbox import SandboxLimits, run_tests_many
 
     if len(docs) != len(completions):
         raise ValueError(f"{len(docs)} docs but {len(completions)} completions")
     spec = get_task(task)
-    if spec.program is not None:
-        programs = [spec.program(d, c) for d, c in zip(docs, completions)]
-        return [r.passed for r in run_many(programs, limits or SandboxLimits(), workers=workers)]
+    if spec.checks is not None:
+        items = [spec.checks(d, c) for d, c in zip(docs, completions)]
+        return [r.passed for r in run_tests_many(items, limits or SandboxLimits(), workers=workers)]
     return [spec.score(d, c) for d, c in zip(docs, completions)]

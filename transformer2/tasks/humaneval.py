@@ -14,18 +14,21 @@ _FUNCTIONS = "transformer2.harness.functions.code"
 _BODY_STOPS = re.compile(r"\n(?:def |class |if |print\(|#)")
 
 
-def program(doc: dict, completion: str) -> str:
-    """The prompt (imports, helpers, stub), then the model's code: a full function redefines
-    the stub; otherwise the completion is the stub's body, cut at the usual stop sequences."""
+def checks(doc: dict, completion: str) -> dict:
+    """The prompt (imports, helpers, stub) is the trusted prelude, then the model's code: a full
+    function redefines the stub; otherwise the completion is the stub's body, cut at the usual
+    stop sequences. The doc's `check` runs in the checker against the entry point."""
     entry = doc["entry_point"]
     code = extract_code(completion, entry)
     if not re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", code, re.M):
         code = _BODY_STOPS.split(code, maxsplit=1)[0]
-        return f"{doc['prompt']}{code}\n\n{doc['test']}\n\ncheck({entry})\n"
-    return f"{doc['prompt']}\n{code}\n\n{doc['test']}\n\ncheck({entry})\n"
+    else:
+        code = "\n" + code
+    return {"candidate": code, "prelude": doc["prompt"], "tests": f"{doc['test']}\n\ncheck({entry})\n",
+            "entry_points": [entry]}
 
 
-score = code_scorer(program)
+score = code_scorer(checks)
 
 
 def question(doc: dict) -> str:
@@ -38,7 +41,7 @@ def reference_answer(doc: dict) -> str:
 
 HUMANEVAL = register(Task(
     name="humaneval", title="HumanEval", category="code", system_prompt=CODE_SYSTEM_PROMPT, question=question,
-    reference_answer=reference_answer, score=score, program=program,
+    reference_answer=reference_answer, score=score, checks=checks,
     source=Source(("test",), "openai/openai_humaneval"),
     harness=HarnessMapping("humaneval", "pass@1,create_test", {"humaneval": HarnessTask("humaneval/humaneval.yaml", {
         "utils.pass_at_k": f"{_FUNCTIONS}.pass_at_k", "utils.build_predictions": f"{_FUNCTIONS}.humaneval_build_predictions"})}),

@@ -19,13 +19,14 @@ def entry_point(doc: dict) -> Optional[str]:
     return m.group(1) if m else None
 
 
-def program(doc: dict, completion: str) -> str:
-    solution = extract_code(completion, entry_point(doc))
-    tests = "\n".join(doc["test_list"])
-    return "\n\n".join((solution, doc.get("test_setup_code") or "", tests)).replace("\r\n", "\n") + "\n"
+def checks(doc: dict, completion: str) -> dict:
+    """The completion's code against the doc's assertions (setup code first, as MBPP runs them)."""
+    entry = entry_point(doc)
+    return {"candidate": extract_code(completion, entry), "tests": "\n".join(doc["test_list"]) + "\n",
+            "setup": doc.get("test_setup_code") or "", "entry_points": [entry] if entry else []}
 
 
-score = code_scorer(program)
+score = code_scorer(checks)
 
 
 def question(doc: dict) -> str:
@@ -39,7 +40,7 @@ def reference_answer(doc: dict) -> str:
 
 MBPP = register(Task(
     name="mbpp", title="MBPP", category="code", system_prompt=CODE_SYSTEM_PROMPT, question=question,
-    reference_answer=reference_answer, score=score, program=program,
+    reference_answer=reference_answer, score=score, checks=checks,
     source=Source(("train", "test"), "google-research-datasets/mbpp", "full"),
     make_splits=shuffled(train=200, validation=100, seed=16),
     harness=HarnessMapping("mbpp", "pass_at_1,none", {"mbpp": HarnessTask("mbpp/mbpp.yaml", {

@@ -2,19 +2,20 @@
 
 lm-eval's own `utils.py` for these tasks loads HF `code_eval` at import time, which executes
 model output in the evaluating process (guarded only by HF_ALLOW_CODE_EVAL). The generated
-task YAMLs name these functions instead: each candidate program is `candidate + "\\n" + test`
-exactly as `code_eval` builds it, but it runs in `transformer2.sandbox` (own process, rlimits,
-Landlock, no network, writes only in its own temporary directory) and anything but a clean
-pass - an exception, a timeout, a blocked write - scores 0.
+task YAMLs name these functions instead: each candidate is judged against its test code as
+`code_eval` would, but by `transformer2.sandbox.run_tests` (the tests run in a process of their
+own, the candidate in another, both confined), and anything but a clean pass - an exception, a
+timeout, a blocked call, a value that is not plain data - scores 0.
 """
 from __future__ import annotations
 
 import ast
+import re
 from math import comb
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from ...sandbox import SandboxLimits, run_many
+from ...sandbox import SandboxLimits, run_tests_many
 
 # code_eval gives each program 3 s; the sandbox adds interpreter start-up, hence the wall margin.
 LIMITS = SandboxLimits(timeout_s=5.0, cpu_s=3)
@@ -26,6 +27,13 @@ def _pass_at(n: int, c: int, k: int) -> float:
     return 1.0 if n - c < k else 1.0 - comb(n - c, k) / comb(n, k)
 
 
+def _entry_points(tests: str) -> list[str]:
+    """The candidate's functions the tests call by name: HumanEval's `check(f)`, MBPP's `assert f(...)`."""
+    names = re.findall(r"^check\((\w+)\)", tests, re.M)
+    names += re.findall(r"^\s*assert\s*\(?\s*(?:not\s+)?\(?\s*([A-Za-z_]\w*)\s*\(", tests, re.M)
+    return sorted(set(names))
+
+
 def pass_at_k(references: Sequence[str], predictions: Sequence[Sequence[str]],
               k: Union[int, Sequence[int], None] = None) -> dict[str, float]:
     """{"pass@k": mean over references} like HF code_eval; predictions[i] are candidates for references[i]."""
@@ -35,8 +43,9 @@ def pass_at_k(references: Sequence[str], predictions: Sequence[Sequence[str]],
     predictions = [[p] if isinstance(p, str) else list(p) for p in predictions]
     if len(predictions) != len(references):
         raise ValueError(f"{len(references)} references but {len(predictions)} prediction lists")
-    programs = [cand + "\n" + ref for ref, cands in zip(references, predictions) for cand in cands]
-    passed = iter(r.passed for r in run_many(programs, LIMITS, workers=WORKERS))
+    items = [{"candidate": cand, "tests": ref, "entry_points": _entry_points(ref)}
+             for ref, cands in zip(references, predictions) for cand in cands]
+    passed = iter(r.passed for r in run_tests_many(items, LIMITS, workers=WORKERS))
     counts = [(len(cands), sum(next(passed) for _ in cands)) for cands in predictions]
     out = {}
     for kk in ks:
