@@ -129,13 +129,13 @@ def test_lora_stage_writes_metrics_curve_and_adapter(tmp_path, tiny_model_dir):
 
 
 def test_lora_loop_settings_come_from_params_lora_with_task_overrides():
-    from tasks.expert import loop_config
     from transformer2.config import parse_params
 
     params = parse_params({"lora": {"steps": 3, "objective": "reinforce", "overrides": {"mbpp": {"lr": 1e-3}}}})
     s = params.lora.for_task("mbpp")
     assert (s.steps, s.objective, s.lr, s.rank) == (3, "reinforce", 1e-3, 16)
-    loop = loop_config(s, seed=5)
+    loop = s.loop_config(seed=5)
     assert (loop.steps, loop.lr, loop.optimizer, loop.lr_schedule, loop.grad_clip, loop.seed) == \
         (3, 1e-3, "adamw", "cosine", 1.0, 5)
-    assert loop_config(params.rl, seed=0).optimizer == "adam" and params.lora.for_task("gsm8k").lr == 5e-4
+    assert s.next_token_config().micro_batch_size == s.micro_batch_size
+    assert params.rl.loop_config(seed=0).optimizer == "adam" and params.lora.for_task("gsm8k").lr == 5e-4
