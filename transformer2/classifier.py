@@ -162,7 +162,8 @@ def train_classifier_expert(model, tokenizer, base_fingerprint: str, svf_config,
             return sum(p == d["label"] for p, d in zip(pred, val_docs)) / len(val_docs)
 
         result = fit(adapter, objective, validate, train_docs, loop, run_dir, resume=resume, inputs=val_docs,
-                     run_id=f"classifier-loglik|{base_fingerprint}|{objective_cfg.kl_coef}", progress=progress)
+                     run_id=f"classifier-loglik|{base_fingerprint}|{objective_cfg.kl_coef}", progress=progress,
+                     val_n=len(val_docs))
     best = Expert({k: v.clone() for k, v in result.best_state.items()}, base_fingerprint, svf_config,
                   {"task": CLASSIFY_TASK, "train_mode": mode, "best_step": result.best_step,
                    "best_val_accuracy": result.best_val_accuracy, "base_val_accuracy": result.base_val_accuracy,

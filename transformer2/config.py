@@ -11,10 +11,11 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from dataclasses import fields
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator,
+                      model_validator)
 from .errors import UserError
-from .settings import (CLASSIFIER_LOOP, CLASSIFIER_OBJECTIVE, LORA_LOOP, CEMConfig, LoopConfig, NextTokenConfig,
-                       RLObjectiveConfig)
+from .settings import (BASELINES, CLASSIFIER_LOOP, CLASSIFIER_OBJECTIVE, LORA_LOOP, CEMConfig, LoopConfig,
+                       NextTokenConfig, RLObjectiveConfig, rl_sampling_problem)
 from .tasks import PAPER_TRAIN_TASKS as TRAIN_TASKS, PAPER_UNSEEN_TASKS as UNSEEN_TASKS, TaskError, benchmark_names
 from .tasks import load_task_modules
 
@@ -36,6 +37,9 @@ def _known_tasks(v: list[str]) -> list[str]:
     return v
 
 
+PARTIAL = {"partial": True}  # validation context of one task's overrides on their own
+
+
 def _check_overrides(section: type[BaseModel], v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per-task overrides must name known tasks and be valid values of the section's own keys."""
     for task, changes in v.items():
@@ -45,7 +49,7 @@ def _check_overrides(section: type[BaseModel], v: dict[str, dict[str, Any]]) -> 
         if bad:
             raise ValueError(f"{task}: {bad} cannot be overridden per task")
         try:
-            section.model_validate(changes)
+            section.model_validate(changes, context=PARTIAL)  # checks across keys run on the merged section
         except ValidationError as err:
             first = err.errors()[0]
             key = ".".join(str(p) for p in first["loc"])
@@ -146,7 +150,40 @@ def _reinforce_fields(d: RLObjectiveConfig) -> dict[str, Any]:
         "do_sample": (bool, d.do_sample),
         "temperature": (float, Field(default=d.temperature, gt=0)),
         "eval_batch_size": (int, Field(default=16, ge=1)),
+        "baseline": (Literal[BASELINES], d.baseline),
+        # after do_sample and baseline: its check reads them (also when the default is used)
+        "samples_per_prompt": (int, Field(default=d.samples_per_prompt, ge=1, validate_default=True)),
     }
+
+
+def _sampling_checked(v: int, info: ValidationInfo) -> int:
+    """samples_per_prompt against do_sample and baseline (the section's own values)."""
+    if not (info.context or {}).get("partial") and "do_sample" in info.data and "baseline" in info.data:
+        problem = rl_sampling_problem(v, info.data["do_sample"], info.data["baseline"])
+        if problem:
+            raise ValueError(problem.removeprefix("samples_per_prompt: "))
+    return v
+
+
+def _overrides_sampling_checked(v: dict[str, dict[str, Any]], info: ValidationInfo) -> dict[str, dict[str, Any]]:
+    """The same check for each task's section with its overrides applied."""
+    own = {k: info.data[k] for k in ("samples_per_prompt", "do_sample", "baseline") if k in info.data}
+    if len(own) < 3:
+        return v  # an own value is invalid: reported under its key
+    for task, changes in v.items():
+        merged = {**own, **{k: changes[k] for k in own if k in changes}}
+        if not (isinstance(merged["samples_per_prompt"], int) and merged["baseline"] in BASELINES):
+            continue  # a wrong type: _check_overrides reports it
+        problem = rl_sampling_problem(merged["samples_per_prompt"], bool(merged["do_sample"]), merged["baseline"])
+        if problem:
+            raise ValueError(f"{task}.{problem}")
+    return v
+
+
+_REINFORCE_VALIDATORS = {
+    "_sampling": field_validator("samples_per_prompt")(_sampling_checked),
+    "_overrides_sampling": field_validator("overrides", check_fields=False)(_overrides_sampling_checked),
+}
 
 
 class _LoopMethods:
@@ -161,7 +198,8 @@ class _ReinforceMethods(_LoopMethods):
         """REINFORCE's settings (`rl.reinforce_objective`)."""
         return RLObjectiveConfig(kl_coef=self.kl_coef, max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
                                  temperature=self.temperature,
-                                 micro_batch_size=micro_batch_size or self.micro_batch_size)
+                                 micro_batch_size=micro_batch_size or self.micro_batch_size,
+                                 samples_per_prompt=self.samples_per_prompt, baseline=self.baseline)
 
 
 LoopSection = create_model("LoopSection", __base__=(Section, _LoopMethods),
@@ -169,7 +207,7 @@ LoopSection = create_model("LoopSection", __base__=(Section, _LoopMethods),
                            **_loop_fields(LoopConfig(), NextTokenConfig().micro_batch_size))
 ReinforceSection = create_model("ReinforceSection", __base__=(LoopSection, _ReinforceMethods),
                                 __doc__="REINFORCE's knobs (`settings.RLObjectiveConfig`).",
-                                **_reinforce_fields(RLObjectiveConfig()))
+                                __validators__=_REINFORCE_VALIDATORS, **_reinforce_fields(RLObjectiveConfig()))
 
 
 class TrainingSection(PerTaskSection, LoopSection):

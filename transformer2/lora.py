@@ -119,5 +119,5 @@ def train_lora(model, tokenizer, task: str, train_docs: Sequence[dict], val_docs
     lora_id = dict(r=cfg.r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=sorted(cfg.target_modules))
     result = fit(adapter, fn, validate, train_docs, loop, run_dir, resume=resume, inputs=val_docs,
                  run_id=f"lora-{objective}|{task}|{lora_id}|{objective_cfg}|{max_new_tokens}|{base_fingerprint}"
-                        f"|{seed}|{run_id}", progress=progress)
+                        f"|{seed}|{run_id}", progress=progress, val_n=len(val_docs))
     return result, adapter

@@ -1,9 +1,13 @@
 """REINFORCE with a KL penalty, as in the paper (§2 of paper-notes), readable top to bottom.
 
-    loss = −mean_i[ r_i · Σ_t log π_W'(y_it | x_i, y_i<t) ] + λ · KL(π_W' ‖ π_W) on answer tokens
+    loss = −mean_ij[ A_ij · Σ_t log π_W'(y_ijt | x_i, y_ij<t) ] + λ · KL(π_W' ‖ π_W) on answer tokens
 
-with r ∈ {+1, −1} from the task's scorer and no baseline (the reference's choice). One step:
-rollout (frozen adapted weights, KV cache) → score → log-probs with gradients → loss → backward.
+for k completions y_i1..y_ik of each prompt x_i, with r ∈ {+1, −1} from the task's scorer and
+the advantage A = r − b_i. The reference is k = 1, greedy, b = 0 (`baseline: none`). A small
+model that gets almost every prompt wrong gets no signal from that (every r = −1 just pushes
+all answers down); k sampled answers with a per-prompt baseline (`mean` of the k rewards, or
+`rloo`: the mean of the other k − 1) reward the answers better than their siblings instead.
+One step: rollout (frozen adapted weights, KV cache) → score → log-probs with gradients → loss → backward.
 """
 from __future__ import annotations
 
@@ -41,46 +45,79 @@ def kl_to_base(logits: torch.Tensor, base_logits: torch.Tensor, mask: torch.Tens
     return (kl * mask).sum() / mask.sum().clamp_min(1)
 
 
+def advantages(rewards: torch.Tensor, baseline: str) -> torch.Tensor:
+    """A = r − b per prompt, for rewards (prompts, k): b = 0 (none), the prompt's mean reward
+    (mean), or the mean of its other k − 1 rewards (rloo: leave-one-out, unbiased)."""
+    k = rewards.shape[1]
+    if baseline == "none":
+        return rewards
+    if baseline == "mean":
+        return rewards - rewards.mean(1, keepdim=True)
+    if baseline == "rloo":
+        if k < 2:
+            raise ValueError("the rloo baseline needs at least 2 samples per prompt")
+        return rewards - (rewards.sum(1, keepdim=True) - rewards) / (k - 1)
+    raise ValueError(f"unknown baseline {baseline!r}; use none, mean or rloo")
+
+
 def reinforce_objective(model, tokenizer, adapter: Adapter, task: str, cfg: RLObjectiveConfig):
-    """The RL objective for `training.fit`: rollout → score → log-probs → loss → backward."""
+    """The RL objective for `training.fit`: rollout → score → log-probs → loss → backward.
+
+    Each prompt is sampled cfg.samples_per_prompt times in one rollout call (the k copies side by
+    side); chunks hold whole prompts, so a prompt's baseline sees all its k rewards. Besides
+    reward and KL, a step reports what says whether there was a signal at all: the share of
+    prompts whose k rewards differ (`mixed_reward_fraction`), of samples with A ≠ 0
+    (`nonzero_advantage_fraction`) and the mean |A| (`mean_abs_advantage`).
+    """
     from .tasks import score_batch
 
+    k = cfg.samples_per_prompt
+    prompts_per_chunk = max(1, cfg.micro_batch_size // k)
+
     def objective(docs: Sequence[dict]) -> dict:
-        totals = dict(reward=0.0, kl=0.0, completion_tokens=0, seconds_rollout=0.0, seconds_score=0.0,
-                      seconds_logprob=0.0, seconds_backward=0.0)
+        totals = dict(reward=0.0, kl=0.0, completion_tokens=0, mixed=0, nonzero=0, abs_adv=0.0,
+                      seconds_rollout=0.0, seconds_score=0.0, seconds_logprob=0.0, seconds_backward=0.0)
         prompts = chat_prompts(tokenizer, task, docs)
         n = len(docs)
-        for start in range(0, n, cfg.micro_batch_size):
-            chunk = slice(start, start + cfg.micro_batch_size)
+        samples = n * k
+        for start in range(0, n, prompts_per_chunk):
+            chunk_docs = [d for d in docs[start:start + prompts_per_chunk] for _ in range(k)]
+            chunk_prompts = [p for p in prompts[start:start + prompts_per_chunk] for _ in range(k)]
             t0 = time.perf_counter()
             with adapter.inference():
-                ro = rollout(model, tokenizer, prompts[chunk], max_new_tokens=cfg.max_new_tokens,
+                ro = rollout(model, tokenizer, chunk_prompts, max_new_tokens=cfg.max_new_tokens,
                              do_sample=cfg.do_sample, temperature=cfg.temperature)
             t1 = time.perf_counter()
-            rewards = torch.tensor([1.0 if ok else -1.0 for ok in score_batch(task, list(docs[chunk]), ro.texts)],
-                                   device=ro.input_ids.device)
+            rewards = torch.tensor([1.0 if ok else -1.0 for ok in score_batch(task, chunk_docs, ro.texts)],
+                                   device=ro.input_ids.device).view(-1, k)
+            adv = advantages(rewards, cfg.baseline).reshape(-1)
             t2 = time.perf_counter()
             logits = completion_logits(model, ro)
             logp, mask = token_logprobs(logits, ro)
-            loss = -((logp * mask).sum(1) * rewards).sum() / n
+            loss = -((logp * mask).sum(1) * adv).sum() / samples
             kl = torch.zeros(())
             if cfg.kl_coef > 0:
                 with torch.no_grad(), adapter.disabled():
                     base_logits = completion_logits(model, ro)
                 kl = kl_to_base(logits, base_logits, mask)
-                loss = loss + cfg.kl_coef * kl * (len(ro.texts) / n)
+                loss = loss + cfg.kl_coef * kl * (len(ro.texts) / samples)
             t3 = time.perf_counter()
             loss.backward()
             t4 = time.perf_counter()
             totals["reward"] += float(rewards.sum())
+            totals["mixed"] += int((rewards.max(1).values != rewards.min(1).values).sum())
+            totals["nonzero"] += int((adv != 0).sum())
+            totals["abs_adv"] += float(adv.abs().sum())
             totals["kl"] += float(kl.detach()) * len(ro.texts)
             totals["completion_tokens"] += ro.completion_tokens
             for key, dt in (("rollout", t1 - t0), ("score", t2 - t1), ("logprob", t3 - t2), ("backward", t4 - t3)):
                 totals[f"seconds_{key}"] += dt
-        return {"reward": totals["reward"] / n, "accuracy": (totals["reward"] / n + 1) / 2,
-                "kl": totals["kl"] / n, "completion_tokens": totals["completion_tokens"],
+        reward = totals["reward"] / samples
+        return {"reward": reward, "accuracy": (reward + 1) / 2, "kl": totals["kl"] / samples, "samples": samples,
+                "mixed_reward_fraction": totals["mixed"] / n, "nonzero_advantage_fraction": totals["nonzero"] / samples,
+                "mean_abs_advantage": totals["abs_adv"] / samples, "completion_tokens": totals["completion_tokens"],
                 "rollout_tokens_per_s": totals["completion_tokens"] / max(totals["seconds_rollout"], 1e-9),
-                **{k: round(v, 4) for k, v in totals.items() if k.startswith("seconds_")}}
+                **{k_: round(v, 4) for k_, v in totals.items() if k_.startswith("seconds_")}}
 
     return objective
 
@@ -105,5 +142,6 @@ def train_svf_expert(model, tokenizer, expert, task: str, train_docs: Sequence[d
                         batch_size=eval_batch_size)[0]
 
     result = fit(adapter, objective, validate, train_docs, loop, run_dir, resume=resume, inputs=val_docs,
-                 run_id=f"svf-rl|{task}|{expert.base_fingerprint}|{objective_cfg}|{run_id}", progress=progress)
+                 run_id=f"svf-rl|{task}|{expert.base_fingerprint}|{objective_cfg}|{run_id}", progress=progress,
+                 val_n=len(val_docs))
     return result, adapter

@@ -42,6 +42,32 @@ class RLObjectiveConfig:
     do_sample: bool = False       # reference: greedy, one sample per prompt
     temperature: float = 1.0
     micro_batch_size: int = 8     # rollout / log-prob / backward chunk; the step still sees the whole batch
+    samples_per_prompt: int = 1   # k completions per prompt (reference: 1)
+    baseline: str = "none"        # none (reference) | mean | rloo: subtracted from r per prompt
+
+    def __post_init__(self):
+        if self.baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
+        if self.samples_per_prompt < 1:
+            raise ValueError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        problem = rl_sampling_problem(self.samples_per_prompt, self.do_sample, self.baseline)
+        if problem:
+            raise ValueError(problem)
+
+
+BASELINES = ("none", "mean", "rloo")
+
+
+def rl_sampling_problem(samples_per_prompt: int, do_sample: bool, baseline: str) -> str | None:
+    """Why these REINFORCE settings give no learning signal, or None: k greedy copies of one
+    completion are identical, and a per-prompt baseline of one sample cancels its reward."""
+    if samples_per_prompt > 1 and not do_sample:
+        return (f"samples_per_prompt: {samples_per_prompt} samples need do_sample: true "
+                "(greedy decoding gives the same completion k times)")
+    if baseline != "none" and samples_per_prompt < 2:
+        return (f"baseline: {baseline} needs samples_per_prompt >= 2 "
+                "(with one sample per prompt the advantage is always 0)")
+    return None
 
 
 CLASSIFIER_OBJECTIVE = replace(RLObjectiveConfig(), max_new_tokens=32, micro_batch_size=12)

@@ -147,5 +147,6 @@ def train_next_token(model, tokenizer, adapter: Adapter, task: str, train_docs: 
                         batch_size=eval_batch_size)[0]
 
     result = fit(adapter, objective, validate, train_docs, loop, run_dir, resume=resume, inputs=val_docs,
-                 run_id=f"{adapter.kind}-next_token|{task}|{cfg}|{max_new_tokens}|{run_id}", progress=progress)
+                 run_id=f"{adapter.kind}-next_token|{task}|{cfg}|{max_new_tokens}|{run_id}", progress=progress,
+                 val_n=len(val_docs))
     return result, adapter

@@ -96,17 +96,31 @@ def load_index(cache: str | Path, fingerprint: Optional[str] = None) -> dict:
     return index
 
 
-def load_factors(cache: str | Path, fingerprint: Optional[str] = None,
-                 modules: Optional[list[str]] = None) -> dict[str, Factors]:
-    """Factors of the cached modules (all, or those named), checked against the base fingerprint."""
+def _cached_names(cache: str | Path, fingerprint: Optional[str], modules: Optional[list[str]]) -> list[str]:
     index = load_index(cache, fingerprint)
     names = index["modules"] if modules is None else modules
     missing = sorted(set(names) - set(index["modules"]))
     if missing:
         raise SVDCacheError(f"the SVD cache in {cache} lacks {missing[:3]}{'…' if len(missing) > 3 else ''}: "
                             "svf.targets changed since the decompose stage ran; rerun it")
+    return names
+
+
+def load_factors(cache: str | Path, fingerprint: Optional[str] = None,
+                 modules: Optional[list[str]] = None) -> dict[str, Factors]:
+    """Factors of the cached modules (all, or those named), checked against the base fingerprint."""
     out = {}
-    for name in names:
+    for name in _cached_names(cache, fingerprint, modules):
         with safe_open(str(_factor_file(Path(cache), name)), framework="pt") as f:
             out[name] = (f.get_tensor("U"), f.get_tensor("S"), f.get_tensor("Vh"))
+    return out
+
+
+def load_singular_values(cache: str | Path, fingerprint: Optional[str] = None,
+                         modules: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
+    """Only σ of each cached module: what measuring an expert needs, without U and V (GBs on 8B)."""
+    out = {}
+    for name in _cached_names(cache, fingerprint, modules):
+        with safe_open(str(_factor_file(Path(cache), name)), framework="pt") as f:
+            out[name] = f.get_tensor("S")
     return out

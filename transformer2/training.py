@@ -26,6 +26,7 @@ from .errors import UserError
 from .files import atomic_save
 from .identity import docs_bytes, run_fingerprint
 from .settings import LoopConfig
+from .stats import wilson_interval
 
 CHECKPOINT = "checkpoint.pt"
 Objective = Callable[[list[dict]], dict]  # docs -> metrics (floats); gradients accumulated
@@ -43,6 +44,7 @@ class TrainResult:
     validations: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     resumed_from: int = 0
+    val_n: Optional[int] = None  # docs behind each validation accuracy (its records carry ci_low/ci_high)
 
 
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
@@ -89,6 +91,17 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def with_interval(record: dict, n: Optional[int]) -> dict:
+    """A validation record with n and the Wilson 95% interval of its accuracy (k = accuracy·n)."""
+    if n is None or "ci_low" in record:
+        return record
+    k = round(record["val_accuracy"] * n)
+    if abs(record["val_accuracy"] * n - k) > 1e-6:
+        raise ValueError(f"validation accuracy {record['val_accuracy']} is not a count out of val_n={n}")
+    low, high = wilson_interval(k, n)
+    return {**record, "n": n, "ci_low": low, "ci_high": high}
+
+
 def save_checkpoint(path: Path, payload: dict) -> None:
     """torch.save, atomically: a kill at any moment leaves the old or the new file."""
     atomic_save(path, lambda tmp: torch.save(payload, tmp))
@@ -96,9 +109,11 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 
 def fit(adapter: Adapter, objective: Objective, validate: Validate, train_docs: Sequence[dict],
         cfg: LoopConfig, run_dir: str | Path, *, resume: bool = False, run_id: str = "",
-        inputs: Sequence[Any] = (), progress: Progress = None) -> TrainResult:
+        inputs: Sequence[Any] = (), progress: Progress = None, val_n: Optional[int] = None) -> TrainResult:
     """Train `adapter` with `objective` for cfg.steps steps, validating every cfg.eval_every steps.
 
+    `val_n`: how many docs `validate` scores; each validation record then carries n, ci_low and
+    ci_high (Wilson 95%), so a curve shows which differences are noise.
     The run's identity is the loop config, `run_id` (task, objective settings, base model), the
     training docs and `inputs` (e.g. the validation docs); a checkpoint of another run is never resumed.
     """
@@ -116,7 +131,8 @@ def fit(adapter: Adapter, objective: Objective, validate: Validate, train_docs: 
             opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
             _set_rng_state(ckpt["rng"])
-            step, history, validations = ckpt["step"], ckpt["history"], ckpt["validations"]
+            step, history = ckpt["step"], ckpt["history"]
+            validations = [with_interval(v, val_n) for v in ckpt["validations"]]  # older checkpoints lack it
             best, base_acc, resumed_from = ckpt["best"], ckpt["base_val_accuracy"], ckpt["step"]
         else:
             print(f"note: {ckpt_path} belongs to a different config; starting afresh")
@@ -127,7 +143,7 @@ def fit(adapter: Adapter, objective: Objective, validate: Validate, train_docs: 
     if base_acc is None:
         with adapter.disabled():
             base_acc = validate()
-        validations.append({"step": 0, "val_accuracy": base_acc, "weights": "base"})
+        validations.append(with_interval({"step": 0, "val_accuracy": base_acc, "weights": "base"}, val_n))
     start = time.perf_counter()
     while step < cfg.steps:
         docs = [train_docs[i] for i in batch_indices(step, cfg.batch_size, len(train_docs), cfg.seed)]
@@ -143,8 +159,10 @@ def fit(adapter: Adapter, objective: Objective, validate: Validate, train_docs: 
         if step % cfg.eval_every == 0 or step == cfg.steps:
             with adapter.inference():
                 acc = validate()
+            record = with_interval({"step": step, "val_accuracy": acc, "weights": adapter.kind}, val_n)
             metrics["val_accuracy"] = acc
-            validations.append({"step": step, "val_accuracy": acc, "weights": adapter.kind})
+            metrics.update({f"val_{k}": record[k] for k in ("n", "ci_low", "ci_high") if k in record})
+            validations.append(record)
             if best is None or acc > best["val_accuracy"]:
                 best = {"step": step, "val_accuracy": acc, "state": adapter.state()}
         history.append(metrics)
@@ -158,4 +176,4 @@ def fit(adapter: Adapter, objective: Objective, validate: Validate, train_docs: 
     assert best is not None  # the last step always validates
     return TrainResult(best_state=best["state"], best_step=best["step"], best_val_accuracy=best["val_accuracy"],
                        base_val_accuracy=base_acc, history=history, validations=validations,
-                       seconds=round(time.perf_counter() - start, 3), resumed_from=resumed_from)
+                       seconds=round(time.perf_counter() - start, 3), resumed_from=resumed_from, val_n=val_n)

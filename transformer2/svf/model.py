@@ -187,3 +187,41 @@ def mix_experts(experts: Sequence[Expert], alpha: torch.Tensor) -> Expert:
                for j, name in enumerate(names)}
     return Expert(vectors, experts[0].base_fingerprint, experts[0].config,
                   {"mixed_from": [e.provenance.get("task") for e in experts], "alpha": alpha.tolist()})
+
+
+def expert_movement(expert: Expert, initial: Optional[Expert], singular_values: Mapping[str, torch.Tensor]) -> dict:
+    """How far an expert moved: in z from its start z₀, and in singular values from the base.
+
+    RL with a tiny lr can leave z where it started, so every expert's metrics say how far it got:
+    - z_max_abs_change, z_mean_abs_change: max and mean |z − z₀| over all elements;
+    - sigma_mean_rel_change: mean over matrices of the mean |σ'/σ − 1|, σ' = σ·f(z) after the
+      sum-keeping norm (the base is σ' = σ); sigma_max_rel_change: the largest single one;
+    - init_sigma_mean_rel_change: the same for z₀ (the init's own noise, to read the above against),
+      and sigma_mean_rel_change_from_init: σ'(z) against σ'(z₀), what training changed.
+    `singular_values`: σ per module (`svd.load_singular_values`). Without `initial`, only the σ keys.
+    """
+    names = sorted(expert.vectors)
+    missing = [n for n in names if n not in singular_values or (initial and n not in initial.vectors)]
+    if missing:
+        raise ExpertError(f"no singular values or initial z for {missing[:3]} ({len(missing)} modules)")
+
+    def ratio(name: str, vectors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        S = singular_values[name].double()
+        keep = S > 0  # a zero σ stays zero whatever z is
+        return expert.config.scaled_singular_values(S, vectors[name].double())[keep] / S[keep]
+
+    now = [ratio(n, expert.vectors) for n in names]
+    out = {"matrices": len(names), "sigma_mean_rel_change": _mean_of_means([(r - 1).abs() for r in now]),
+           "sigma_max_rel_change": float(max((r - 1).abs().max() for r in now))}
+    if initial is not None:
+        dz = torch.cat([(expert.vectors[n].double() - initial.vectors[n].double()).abs() for n in names])
+        init = [ratio(n, initial.vectors) for n in names]
+        out.update(z_max_abs_change=float(dz.max()), z_mean_abs_change=float(dz.mean()),
+                   init_sigma_mean_rel_change=_mean_of_means([(r - 1).abs() for r in init]),
+                   sigma_mean_rel_change_from_init=_mean_of_means([(a / b - 1).abs() for a, b in zip(now, init)]))
+    return out
+
+
+def _mean_of_means(per_matrix: Sequence[torch.Tensor]) -> float:
+    """Every matrix weighs the same, whatever its rank."""
+    return float(torch.stack([x.mean() for x in per_matrix]).mean())
