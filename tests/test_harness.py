@@ -140,6 +140,18 @@ def test_named_strategies(setup):
     assert route("def x") == "code" and route("nothing") is None
 
 
+def test_engine_generate_until_matches_hflm(setup):
+    """generate_until through decoding.generate gives HFLM's texts: same contexts, stops, post-processing."""
+    contexts = ["Pick a number:", "def add(a, b):", "Hello there, my friend. How", "2+2="]
+    reqs = [Instance(request_type="generate_until", doc={}, idx=0,
+                     arguments=(c, {"until": [stop], "max_gen_toks": n, "do_sample": False}))
+            for c in contexts for stop, n in (("\n\n", 6), ("e", 12))]
+    fast = Transformer2LM(pretrained=setup["model"], device="cpu", batch_size=3)
+    slow = Transformer2LM(pretrained=setup["model"], device="cpu", batch_size=3, engine="false")
+    assert fast.engine and not slow.engine
+    assert fast.generate_until(reqs) == slow.generate_until(reqs)
+
+
 # ---------------------------------------------------------------- CLI
 
 def test_cli_main_resolves(capsys):

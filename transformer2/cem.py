@@ -44,7 +44,7 @@ from .loglik import continuation_logprobs
 from .errors import UserError
 from .files import atomic_save, atomic_write_text
 from .settings import CEMConfig
-from .svf import Expert, mix_experts, preserved_svf_state, set_expert, set_row_z
+from .svf import Expert, mix_experts, preserved_svf_state, set_expert
 from .tasks import get_task, reference_answer, score_batch
 
 METHODS = ("batched", "naive")
@@ -231,16 +231,6 @@ def _gold_ll(model, tokenizer, prompts, answers, batch_size, group_z=None, row_g
     return [lp[0] / n[0] for lp, n in zip(scores.logprob, scores.tokens)]
 
 
-def _generate_rows(model, tokenizer, prompts, max_new_tokens, batch_size, group_z, row_group) -> list[str]:
-    from .generation import rollout
-
-    texts: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        set_row_z(model, group_z, row_group[start:start + batch_size])
-        texts += rollout(model, tokenizer, prompts[start:start + batch_size], max_new_tokens=max_new_tokens).texts
-    return texts
-
-
 @torch.no_grad()
 def population_fitness(model, tokenizer, experts: Sequence[Expert], task: str, shots: Sequence[dict],
                        alphas: torch.Tensor, *, method: str = "batched", batch_size: int = 16,
@@ -275,7 +265,8 @@ def population_fitness(model, tokenizer, experts: Sequence[Expert], task: str, s
                 c, l = _mc_rows(model, tokenizer, rows_prompts, [o for o in options for _ in range(P)],
                                 [g for g in gold for _ in range(P)], batch_size, zpop, row_group)
             else:
-                texts = _generate_rows(model, tokenizer, rows_prompts, max_new_tokens, batch_size, zpop, row_group)
+                texts = generate_texts(model, tokenizer, rows_prompts, max_new_tokens=max_new_tokens,
+                                       batch_size=batch_size, row_z=zpop, row_group=row_group)
                 c = score_batch(task, [d for d in shots for _ in range(P)], texts)
                 l = _gold_ll(model, tokenizer, rows_prompts, [a for a in answers for _ in range(P)], batch_size,
                              zpop, row_group)

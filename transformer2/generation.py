@@ -56,44 +56,32 @@ def _stop_ids(tokenizer, model) -> list[int]:
 
 @torch.no_grad()
 def rollout(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, do_sample: bool = False,
-            temperature: float = 1.0, top_p: float = 1.0) -> Rollout:
-    """Generate one completion per prompt (KV cache, left padding) and keep the token ids."""
+            temperature: float = 1.0, top_p: float = 1.0, row_z=None, row_group=None, max_batch: int = 64,
+            progress: Progress = None) -> Rollout:
+    """One completion per prompt through the decoding engine (`decoding.generate`), kept as token ids
+    for a log-prob pass. `row_z`/`row_group`: one SVF z per row (CEM's population)."""
+    from .decoding import generate, pad_batch
+
     device = next(model.parameters()).device
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    ids = [list(p) for p in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
     stop = _stop_ids(tokenizer, model)
-    kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=stop,
-                  pad_token_id=tokenizer.pad_token_id)
-    if do_sample:
-        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-    else:  # explicit, so a checkpoint's generation_config cannot switch sampling on
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    out = model.generate(**enc, **kwargs)
-    prompt_len = enc["input_ids"].shape[1]
-    completion = out[:, prompt_len:]
-    # keep tokens up to and including the first stop token; what follows is padding
-    is_stop = torch.isin(completion, torch.tensor(stop, device=device))
-    after_stop = (is_stop.cumsum(dim=1) - is_stop.long()) > 0
-    completion_mask = (~after_stop).long()
-    texts = [tokenizer.decode(c[m.bool()], skip_special_tokens=True)
-             for c, m in zip(completion, completion_mask)]
-    attention = torch.cat([enc["attention_mask"], completion_mask], dim=1)
-    full_mask = torch.cat([torch.zeros_like(enc["attention_mask"]), completion_mask], dim=1)
-    return Rollout(out, attention, full_mask, texts, prompt_len)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
+    completions = generate(model, ids, max_new_tokens=max_new_tokens, stop_ids=stop, pad_id=pad, do_sample=do_sample,
+                           temperature=temperature, top_p=top_p, row_z=row_z, row_group=row_group,
+                           max_batch=max_batch, progress=progress)
+    input_ids, attention, completion_mask, prompt_len = (t if isinstance(t, int) else t.to(device)
+                                                         for t in pad_batch(ids, completions, pad))
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+    return Rollout(input_ids, attention, completion_mask, texts, prompt_len)
 
 
 def generate_texts(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 8,
-                   progress: Progress = None) -> list[str]:
-    """Greedy completions for many prompts, batched by length to waste little padding."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    texts: list[str] = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = rollout(model, tokenizer, [prompts[i] for i in idx], max_new_tokens=max_new_tokens)
-        for i, text in zip(idx, batch.texts):
-            texts[i] = text
-        if progress:
-            progress(min(start + batch_size, len(order)), len(order))
-    return texts
+                   row_z=None, row_group=None, progress: Progress = None) -> list[str]:
+    """Greedy completions for many prompts: one engine call, at most `batch_size` rows decoding at once."""
+    if not prompts:
+        return []
+    return rollout(model, tokenizer, prompts, max_new_tokens=max_new_tokens, row_z=row_z, row_group=row_group,
+                   max_batch=batch_size, progress=progress).texts
 
 
 def accuracy(model, tokenizer, task: str, docs: Sequence[dict], *, max_new_tokens: int, batch_size: int = 8,

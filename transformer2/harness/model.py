@@ -8,7 +8,8 @@ Model args (besides every HFLM arg: batch_size, device, dtype, peft, ...):
 - `experts`: named experts for a routing strategy, {name: folder} (a dict, a JSON object, or
   "name:folder;name:folder");
 - `strategy`: a name in `strategies.STRATEGIES` (default `fixed`) or an AdaptationStrategy object;
-- `strategy_args`: keyword arguments for the strategy (a dict or a JSON object).
+- `strategy_args`: keyword arguments for the strategy (a dict or a JSON object);
+- `engine`: `generate_until` through the project's decoding engine (default true; false: HFLM's).
 
 Transformer² adaptation is two passes. The first (`strategy.assign`) looks at each distinct
 prompt and picks a key; `strategy.expert(key)` gives the z to use (None = base weights). This
@@ -90,13 +91,19 @@ def _check_experts(experts: Mapping[str, Expert], base_fingerprint: str) -> None
                               f"{next(iter(experts))!r}; experts used together must share both")
 
 
+def _generation_eos(model) -> list[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+
+
 @register_model("transformer2")
 class Transformer2LM(HFLM):
     """HFLM + SVF: a fixed expert, or per-request experts chosen by an adaptation strategy."""
 
     def __init__(self, pretrained: Any, svd: Optional[str] = None, expert: Optional[str] = None,
                  experts: Any = None, strategy: Any = "fixed", strategy_args: Any = None,
-                 base_fingerprint: Optional[str] = None, **kwargs: Any) -> None:
+                 base_fingerprint: Optional[str] = None, engine: Any = True, **kwargs: Any) -> None:
+        self.engine = str(engine).lower() not in ("false", "0", "no")  # generate_until via decoding.generate
         fp = base_fingerprint
         if isinstance(pretrained, (str, Path)) and (Path(pretrained) / MODEL_INFO).is_file():
             info = ModelInfo.load(pretrained)  # a model-stage folder: its checkpoint and fingerprint
@@ -164,9 +171,48 @@ class Transformer2LM(HFLM):
 
     def run_with(self, expert: Optional[Expert], method: str, requests: list[Instance],
                  disable_tqdm: bool = False) -> list:
-        """Answer `requests` with HFLM's `method` under one expert (also for strategies' own first pass)."""
+        """Answer `requests` with HFLM's `method` under one expert (also for strategies' own first pass);
+        generation goes through the project's decoding engine unless `engine=false` was given."""
         self._set(expert)
+        if method == "generate_until" and self.engine:
+            return self._engine_generate_until(requests)
         return getattr(HFLM, method)(self, requests, disable_tqdm=disable_tqdm)
+
+    def _engine_generate_until(self, requests: list[Instance]) -> list[str]:
+        """HFLM's generate_until through `decoding.generate`: the same contexts (left-truncated to
+        leave room for max_gen_toks), stop sequences and post-processing, but every request with
+        the same generation kwargs is one continuously batched call instead of padded batches."""
+        from lm_eval.models.huggingface import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+
+        from ..decoding import generate
+
+        eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
+        stop_ids = sorted({self.eot_token_id, *_generation_eos(self._model)})
+        think = self.think_end_token if isinstance(self.think_end_token, str) else None
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(json.dumps(r.args[1], sort_keys=True, default=str), []).append(i)
+        out: list = [None] * len(requests)
+        for idx in groups.values():
+            kwargs = normalize_gen_kwargs(dict(requests[idx[0]].args[1]), self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            max_gen = kwargs.pop("max_gen_toks")
+            contexts = [self.tok_batch_encode([requests[i].args[0]], left_truncate_len=self.max_length - max_gen,
+                                              truncation=self.truncation)[0][0].tolist() for i in idx]
+
+            def stop_check(row: int, ids: list, tail: int = 8) -> bool:
+                text = self.tok_decode(ids[-tail:])
+                return any(s in text for s in until)
+
+            ids = generate(self._model, contexts, max_new_tokens=max_gen, stop_ids=stop_ids,
+                           pad_id=self.tokenizer.pad_token_id or 0, do_sample=bool(kwargs.get("do_sample")),
+                           temperature=float(kwargs.get("temperature") or 1.0), top_p=float(kwargs.get("top_p") or 1.0),
+                           stop_check=stop_check if until else None)
+            for i, toks in zip(idx, ids):
+                text = postprocess_generated_text(generation=self.tok_decode(toks), stop=until, think_end_token=think)
+                out[i] = text
+                self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        return out
 
     # -- two passes
 

@@ -1,0 +1,217 @@
+"""Decoding and scoring throughput against this CPU's fp32 matmul roofline.
+
+    python benchmarks/generation.py [--quick] [--batches 1,8,32,64] [--max-new-tokens 128] [--threads 2]
+
+On the default model (artifacts/model, or --model-dir; the SVD cache in --svd-dir is built if
+missing) with GSM8K test questions as chat prompts (artifacts/data, else the data mirror, else
+synthetic questions, said so in the output). Every row decodes exactly --max-new-tokens tokens
+(no stop ids; HF gets min_new_tokens), and tokens/s = generated tokens / wall time including
+prefill. Measured in one run, alternating the order of the methods per repeat so that machine
+noise hits all alike: the roofline (best of a 512×576 · 576×1536 matmul; tokens/s = GFLOP/s /
+(2 · parameters)); the engine (`transformer2.decoding.generate`) with base weights, a fixed
+expert (W' rebuilt) and one z per row, at each batch and at its own choice of batch (all
+prompts, default token budget); HF `generate` at the same batches; log-likelihood scoring
+(`dispatch.continuation_logprobs`, gold answers after each prompt) in forward tokens/s.
+Prints a table and writes benchmarks/results/generation.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from transformer2.decoding import generate
+from transformer2.dispatch import continuation_logprobs
+from transformer2.generation import chat_prompts
+from transformer2.models import load_base
+from transformer2.svd import decompose, load_factors
+from transformer2.svf import SVFConfig, apply_svf, find_targets, init_expert, set_expert, svf_layers
+
+SYNTHETIC = ["A farmer has {a} cows and buys {b} more. Each cow gives {c} litres of milk a day. How many litres "
+             "does he get in a week?", "Sam reads {a} pages a day for {b} days, then {c} pages on the last day. "
+             "How many pages did he read?"]
+
+
+def roofline(threads: int, repeats: int = 20) -> float:
+    """Best fp32 GFLOP/s of the matmul the issue measured (512×576 · 576×1536)."""
+    a, b = torch.randn(512, 576), torch.randn(576, 1536)
+    for _ in range(3):
+        a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * 512 * 576 * 1536 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def load_docs(data: str, n: int) -> tuple[list[dict], str]:
+    from transformer2.tasks import DataError, load_split, read_jsonl
+
+    try:
+        return load_split(data, "gsm8k", "test")[:n], f"{data}/gsm8k/test"
+    except DataError:
+        pass
+    for root in (os.environ.get("T2_DATA_DIR"), Path(__file__).resolve().parents[2] / "shared" / "data"):
+        if root and (Path(root) / "gsm8k" / "test.jsonl").is_file():
+            return read_jsonl(Path(root) / "gsm8k" / "test.jsonl")[:n], f"{root}/gsm8k/test.jsonl"
+    docs = [{"question": SYNTHETIC[i % 2].format(a=3 + i, b=7 + i % 5, c=2 + i % 3), "answer": "#### 0"}
+            for i in range(n)]
+    return docs, "synthetic GSM8K-like questions (no data found)"
+
+
+def load_model(model_dir: str, svd_dir: str):
+    model, tokenizer, info = load_base(model_dir)
+    names = find_targets(model, "mlp")
+    decompose(model, names, svd_dir, info.fingerprint)
+    apply_svf(model, load_factors(svd_dir, info.fingerprint, modules=names), SVFConfig(targets="mlp"))
+    return model, tokenizer, info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir", default="artifacts/model")
+    ap.add_argument("--svd-dir", default="artifacts/svd")
+    ap.add_argument("--data", default="artifacts/data")
+    ap.add_argument("--batches", default="1,8,32,64")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--own-prompts", type=int, default=128, help="prompts for the engine's own choice of batch")
+    ap.add_argument("--score-prompts", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-hf-above", type=int, default=64, help="largest batch HF generate is timed at")
+    ap.add_argument("--quick", action="store_true", help="batches 1,8, 16 new tokens, 16 prompts: a smoke run")
+    ap.add_argument("--out", default="benchmarks/results/generation.json")
+    args = ap.parse_args()
+    if args.quick:
+        args.batches, args.max_new_tokens, args.own_prompts, args.score_prompts = "1,8", 16, 16, 8
+    torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    N = args.max_new_tokens
+
+    model, tokenizer, info = load_model(args.model_dir, args.svd_dir)
+    params = sum(p.numel() for p in model.parameters())  # the base weights (SVF factors are buffers)
+    docs, source = load_docs(args.data, max(batches + [args.own_prompts, args.score_prompts]))
+    prompts = chat_prompts(tokenizer, "gsm8k", docs)
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    expert = init_expert(model, info.fingerprint, SVFConfig(targets="mlp"), torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    row_z = {n: expert.vectors[n] + 0.5 * torch.randn(len(ids), layer.rank, generator=g)
+             for n, layer in svf_layers(model).items()}
+
+    def engine(rows, mode, **kw):
+        set_expert(model, expert if mode == "fixed" else None)
+        stats = {}
+        out = generate(model, ids[:rows], max_new_tokens=N, pad_id=tokenizer.pad_token_id, stats=stats,
+                       row_z={n: z[:rows] for n, z in row_z.items()} if mode == "row_z" else None, **kw)
+        assert all(len(o) == N for o in out)
+        return stats
+
+    def hf(rows):
+        set_expert(model, None)
+        tokenizer.padding_side = "left"
+        enc = tokenizer(prompts[:rows], return_tensors="pt", padding=True, add_special_tokens=False)
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(**enc, max_new_tokens=N, min_new_tokens=N, do_sample=False,
+                           pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
+        return {"seconds": time.perf_counter() - t, "generated": rows * N}
+
+    engine(4, "base")  # warm-up: allocator, first-call costs
+    rates: dict = {}
+    load_before = os.getloadavg()
+    roof = [roofline(args.threads)]
+    for r in range(args.repeats):
+        for B in batches:
+            methods = [("base", lambda: engine(B, "base")), ("fixed", lambda: engine(B, "fixed")),
+                       ("row_z", lambda: engine(B, "row_z"))]
+            if B <= args.skip_hf_above:
+                methods.append(("hf_generate", lambda: hf(B)))
+            if r % 2:
+                methods.reverse()
+            for name, fn in methods:
+                s = fn()
+                rates.setdefault((name, B), []).append(s)
+                print(f"  batch {B:>3} {name:<12} {s['generated'] / s['seconds']:7.1f} tok/s", flush=True)
+        for mode in ("base", "row_z"):  # the engine's own choice: every prompt, default budget
+            s = engine(args.own_prompts, mode)
+            rates.setdefault((mode, "own"), []).append(s)
+            print(f"  own choice ({s['slots']} slots) {mode:<6} {s['generated'] / s['seconds']:7.1f} tok/s", flush=True)
+        roof.append(roofline(args.threads))
+    set_expert(model, None)
+
+    # log-likelihood scoring: gold answers after each prompt (CEM's fitness, lm-eval loglikelihood)
+    sp, answers = prompts[:args.score_prompts], [" " + d["answer"] for d in docs[:args.score_prompts]]
+    t = time.perf_counter()
+    continuation_logprobs(model, tokenizer, sp, [[a] for a in answers], batch_size=16)
+    score_s = time.perf_counter() - t
+    score_tokens = sum(len(tokenizer(p + a, add_special_tokens=False)["input_ids"]) for p, a in zip(sp, answers))
+    roof.append(roofline(args.threads))
+
+    gflops = max(roof)
+    roof_tok = gflops * 1e9 / (2 * params)
+    rows = []
+    for (name, B), runs in rates.items():
+        rate = statistics.median(s["generated"] / s["seconds"] for s in runs)
+        row = {"method": name, "batch": B, "tokens_per_s": round(rate, 2), "share_of_roofline": round(rate / roof_tok, 4)}
+        if name != "hf_generate":
+            s = runs[len(runs) // 2]
+            row.update(slots=s["slots"], prefill_s=round(s["prefill_s"], 2), decode_s=round(s["decode_s"], 2),
+                       decode_tokens_per_s=round(s["generated"] / max(s["decode_s"], 1e-9), 2),
+                       prefill_tokens_per_s=round(s["prefill_tokens"] / max(s["prefill_s"], 1e-9), 2))
+        rows.append(row)
+    by = {(r["method"], r["batch"]): r["tokens_per_s"] for r in rows}
+    ratios = {f"{k}@{B}": round(v, 3) for B in batches + ["own"] for k, v in (
+        ("fixed_over_base", by.get(("fixed", B), 0) / by[("base", B)] if ("fixed", B) in by else None),
+        ("row_z_over_fixed", by.get(("row_z", B), 0) / by[("fixed", B)] if ("fixed", B) in by else None),
+        ("row_z_over_base", by.get(("row_z", B), 0) / by[("base", B)]),
+        ("engine_over_hf", by[("base", B)] / by[("hf_generate", B)] if ("hf_generate", B) in by else None))
+        if v is not None}
+    result = {
+        "model": info.name, "parameters": params, "threads": args.threads, "max_new_tokens": N,
+        "prompts": source, "prompt_tokens_mean": round(sum(len(i) for i in ids[:max(batches)]) / max(batches), 1),
+        "roofline_gflops": round(gflops, 1), "roofline_gflops_all": [round(x, 1) for x in roof],
+        "roofline_tokens_per_s": round(roof_tok, 1), "rows": rows, "ratios": ratios,
+        "loglik": {"prompts": len(sp), "forward_tokens": score_tokens, "seconds": round(score_s, 2),
+                   "tokens_per_s": round(score_tokens / score_s, 1),
+                   "share_of_roofline": round(score_tokens / score_s / roof_tok, 4)},
+        "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "busy_processes": _busy(),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"\n{info.name}, {args.threads} threads, {N} new tokens per row, prompts: {source} "
+          f"(mean {result['prompt_tokens_mean']} tokens)")
+    print(f"roofline {gflops:.1f} GFLOP/s -> {roof_tok:.0f} tok/s at 2·{params / 1e6:.1f}M FLOP/token; "
+          f"load average {load_before[0]:.1f} -> {result['loadavg_after'][0]:.1f}")
+    print(f"{'method':<12}{'batch':>6}{'tok/s':>9}{'roofline':>10}{'slots':>7}{'prefill s':>11}{'decode tok/s':>14}")
+    for r in sorted(rows, key=lambda r: (str(r["batch"]).zfill(4), r["method"])):
+        print(f"{r['method']:<12}{r['batch']!s:>6}{r['tokens_per_s']:>9.1f}{r['share_of_roofline']:>9.1%}"
+              f"{r.get('slots', ''):>7}{r.get('prefill_s', ''):>11}{r.get('decode_tokens_per_s', ''):>14}")
+    ll = result["loglik"]
+    print(f"log-likelihood scoring: {ll['tokens_per_s']:.1f} forward tok/s ({ll['share_of_roofline']:.1%}), "
+          f"{ll['prompts']} prompts, {ll['forward_tokens']} tokens")
+    print("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
+
+
+def _busy() -> list[str]:
+    """What else was running (top CPU users), for the record."""
+    try:
+        ps = subprocess.run(["ps", "-eo", "pcpu,args", "--sort=-pcpu"], capture_output=True, text=True).stdout
+        return [" ".join(line.split())[:120] for line in ps.splitlines()[1:6]]
+    except OSError:
+        return []
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""The decoding engine: HF-identical greedy output, bitwise batch invariance, per-row z, sampling."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from transformer2 import decoding
+from transformer2.decoding import DecodingBackend, TorchBackend, generate, pad_batch
+from transformer2.models import TINY_ARCHS, build_tiny_random, fingerprint
+from transformer2.svd import decompose, load_factors
+from transformer2.svf import (Expert, SVFConfig, apply_svf, find_targets, set_expert, set_row_z, svf_layers)
+
+SYSTEM = "<|im_start|>system\nYou are a careful assistant. Think, then answer in one line.<|im_end|>\n<|im_start|>user\n"
+QUESTIONS = ["What is 17 * 3?", "Hi", "Name three colours of the rainbow, then the other four, in order. " * 2,
+             "x", "Sort [3, 1, 2] in Python.", "Why is the sky blue? Explain it to a child."]
+
+
+def encode(tokenizer, texts):
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def chat_and_plain(tokenizer):
+    """Prompts sharing a system prompt (prefix sharing), then the bare questions (no common prefix);
+    lengths 1..~150 tokens: past gemma3's 64-token sliding window."""
+    return encode(tokenizer, [SYSTEM + q for q in QUESTIONS]) + encode(tokenizer, QUESTIONS)
+
+
+def cut(ids, stop):
+    return ids[:ids.index(stop) + 1] if stop in ids else ids
+
+
+def hf_greedy(model, tokenizer, prompts, max_new_tokens, batched=False):
+    """HF `generate` greedy completions: each prompt alone, or all at once left-padded."""
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+              pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
+    with torch.no_grad():
+        if not batched:
+            return [cut(model.generate(torch.tensor([p]), **kw)[0, len(p):].tolist(), tokenizer.eos_token_id)
+                    for p in prompts]
+        P = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), P), tokenizer.pad_token_id)
+        mask = torch.zeros_like(ids)
+        for b, p in enumerate(prompts):
+            ids[b, P - len(p):], mask[b, P - len(p):] = torch.tensor(p), 1
+        out = model.generate(input_ids=ids, attention_mask=mask, **kw)
+        return [cut(row[P:].tolist(), tokenizer.eos_token_id) for row in out]
+
+
+def logits_by_row(**kwargs):
+    """generate(...) plus every step's logits per input row: (outputs, {row: [logits per step]})."""
+    seen: dict = {}
+
+    def hook(rows, logits):
+        for r, row in zip(rows, logits):
+            seen.setdefault(r, []).append(row.clone())
+
+    return generate(on_logits=hook, **kwargs), seen
+
+
+@pytest.fixture(scope="module")
+def patched(tmp_path_factory):
+    model, tokenizer = build_tiny_random("llama", seed=3)
+    model.eval()
+    fp = fingerprint(model)
+    root = tmp_path_factory.mktemp("decoding")
+    names = find_targets(model, "mlp")
+    decompose(model, names, root / "svd", fp)
+    apply_svf(model, load_factors(root / "svd", fp), SVFConfig())
+    g = torch.Generator().manual_seed(0)
+    experts = [Expert({n: 3.0 * torch.randn(layer.rank, generator=g) for n, layer in svf_layers(model).items()},
+                      fp, SVFConfig()) for _ in range(3)]
+    return model, tokenizer, experts
+
+
+# ---------------------------------------------------------------- the kernel facts the design rests on
+
+def test_kernels_round_the_same_for_multiples_of_four_rows_and_keys():
+    """Linear rows do not depend on M for M % 4 == 0; masked trailing keys (key count % 4 == 0)
+    do not change q·kᵀ-softmax-v. If this fails on a machine, batch invariance fails there."""
+    g = torch.Generator().manual_seed(0)
+    W, x = torch.randn(96, 64, generator=g), torch.randn(128, 64, generator=g)
+    full = F.linear(x, W)
+    for M in (4, 8, 12, 16, 20, 32, 44, 64):
+        assert torch.equal(F.linear(x[:M], W), full[:M]), M
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (2, 200, 200))
+    ok = lambda L, n: (torch.arange(L) < n)[None, None, None]
+    for n in (5, 17, 63):
+        ref = decoding._attn(q, k[:, :, :16 * -(-n // 16)], v[:, :, :16 * -(-n // 16)], ok(16 * -(-n // 16), n), 0.25, None)
+        for L in (n + 11 + (-(n + 11)) % 16, 192):
+            assert torch.equal(decoding._attn(q, k[:, :, :L], v[:, :, :L], ok(L, n), 0.25, None), ref), (n, L)
+
+
+# ---------------------------------------------------------------- greedy == HF generate
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_greedy_matches_hf_generate(arch):
+    model, tokenizer = build_tiny_random(arch)
+    model.eval()
+    prompts = chat_and_plain(tokenizer)
+    got = generate(model, prompts, max_new_tokens=20, stop_ids=[tokenizer.eos_token_id],
+                   pad_id=tokenizer.pad_token_id, max_batch=4)  # 12 prompts through 4 slots
+    assert got == hf_greedy(model, tokenizer, prompts, 20)
+    assert got == hf_greedy(model, tokenizer, prompts, 20, batched=True)  # left-padded, mixed lengths
+
+
+def test_greedy_matches_hf_with_a_fixed_expert_and_with_per_row_z(patched):
+    model, tokenizer, experts = patched
+    prompts = chat_and_plain(tokenizer)[:6]
+    set_expert(model, experts[0])  # rebuilt W'
+    assert generate(model, prompts, max_new_tokens=16) == hf_greedy(model, tokenizer, prompts, 16, batched=True)
+    set_expert(model, None)
+    # one z per row: rows 0, 3 expert 0, rows 1, 4 expert 1, rows 2, 5 expert 2 (the factored path)
+    row_z = {n: torch.stack([e.vectors[n] for e in experts]) for n in svf_layers(model)}
+    groups = [0, 1, 2, 0, 1, 2]
+    got = generate(model, prompts, max_new_tokens=16, row_z=row_z, row_group=groups, max_batch=4)
+    for p, g, ids in zip(prompts, groups, got):
+        set_row_z(model, row_z, torch.tensor([g]))
+        assert ids == hf_greedy(model, tokenizer, [p], 16)[0]
+    set_row_z(model, None)
+    assert all(layer.z is None for layer in svf_layers(model).values())
+
+
+# ---------------------------------------------------------------- batch invariance, bitwise
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_a_rows_logits_never_depend_on_the_batch(arch, monkeypatch):
+    """Alone vs shuffled into batches of other sizes, with and without the shared prefix, long
+    prompts cut into pieces, rows stopping early and others admitted: the same bits each step."""
+    model, tokenizer = build_tiny_random(arch)
+    model.eval()
+    monkeypatch.setattr(decoding, "PIECE", 12)  # long prompts prefill in several pieces
+    prompts = chat_and_plain(tokenizer)
+    alone = [logits_by_row(model=model, prompts=[p], max_new_tokens=12)[1][0] for p in prompts]
+    rng = random.Random(0)
+    for trial in range(4):
+        order = rng.sample(range(len(prompts)), len(prompts))
+        early = (lambda r, ids: len(ids) >= 3 + r % 5) if trial % 2 else None
+        _, seen = logits_by_row(model=model, prompts=[prompts[i] for i in order], max_new_tokens=12,
+                                max_batch=(4, 8, 12, 64)[trial], share_prefix=trial < 2, stop_check=early,
+                                prefill_tokens=(16, 64, 2048, 40)[trial])
+        for j, i in enumerate(order):
+            assert all(torch.equal(a, b) for a, b in zip(seen[j], alone[i])), (trial, i)
+            assert len(seen[j]) == (12 if early is None else min(12, 3 + j % 5))
+
+
+def test_per_row_z_follows_its_row_through_reordering(patched):
+    model, tokenizer, experts = patched
+    prompts = chat_and_plain(tokenizer)
+    row_z = {n: torch.stack([experts[i % 3].vectors[n] for i in range(len(prompts))]) for n in svf_layers(model)}
+    alone = []
+    for i, p in enumerate(prompts):
+        one = {n: z[i:i + 1] for n, z in row_z.items()}
+        alone.append(logits_by_row(model=model, prompts=[p], max_new_tokens=10, row_z=one)[1][0])
+    order = random.Random(1).sample(range(len(prompts)), len(prompts))
+    _, seen = logits_by_row(model=model, prompts=[prompts[i] for i in order], max_new_tokens=10, max_batch=4,
+                            row_z={n: z[order] for n, z in row_z.items()},
+                            stop_check=lambda r, ids: len(ids) >= 2 + r % 7)
+    for j, i in enumerate(order):
+        assert all(torch.equal(a, b) for a, b in zip(seen[j], alone[i])), i
+    # grouped z: the shared prefix is computed once per group and gives the same bits
+    _, grouped = logits_by_row(model=model, prompts=prompts[:6], max_new_tokens=6,
+                               row_z={n: torch.stack([e.vectors[n] for e in experts]) for n in svf_layers(model)},
+                               row_group=[0, 1, 2, 0, 1, 2])
+    for i in range(6):
+        assert all(torch.equal(a, b) for a, b in zip(grouped[i], alone[i][:6])), i
+
+
+# ---------------------------------------------------------------- stopping, sampling, state
+
+def test_stops_at_the_first_stop_id_and_on_stop_check():
+    model, tokenizer = build_tiny_random("qwen2")
+    model.eval()
+    prompts = chat_and_plain(tokenizer)[:4]
+    free = generate(model, prompts, max_new_tokens=12)
+    assert all(len(ids) == 12 for ids in free)
+    stop = free[0][4]  # a token row 0 emits at step 5
+    got = generate(model, prompts, max_new_tokens=12, stop_ids=[stop])
+    for ids, ref in zip(got, free):
+        assert ids == (ref[:ref.index(stop) + 1] if stop in ref else ref)
+    assert len(got[0]) <= 5
+    assert generate(model, prompts, max_new_tokens=12, stop_check=lambda r, ids: len(ids) == r + 1) == \
+        [ref[:r + 1] for r, ref in enumerate(free)]
+    assert generate(model, prompts, max_new_tokens=0) == [[]] * 4
+    assert generate(model, [], max_new_tokens=4) == []
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [[]], max_new_tokens=4)
+
+
+def test_sampling_is_seeded_resumable_and_batch_invariant():
+    model, tokenizer = build_tiny_random("llama")
+    model.eval()
+    prompts = chat_and_plain(tokenizer)
+    kw = dict(max_new_tokens=16, do_sample=True, temperature=1.3, top_p=0.9)
+    g = torch.Generator().manual_seed(7)
+    checkpoint = g.get_state()
+    first = generate(model, prompts, generator=g, **kw)
+    second = generate(model, prompts, generator=g, **kw)
+    assert first != second  # the generator moved on
+    resumed = torch.Generator()
+    resumed.set_state(checkpoint)
+    assert generate(model, prompts, generator=resumed, max_batch=4, **kw) == first  # other batching, same draws
+    assert generate(model, prompts, generator=resumed, **kw) == second
+    greedy = generate(model, prompts, max_new_tokens=16)
+    assert first != greedy
+    assert generate(model, prompts, generator=torch.Generator().manual_seed(7), max_new_tokens=16, do_sample=True,
+                    temperature=1.0, top_p=1e-6) == greedy  # a tiny nucleus is the argmax
+
+
+def test_model_state_is_restored(patched):
+    model, tokenizer, experts = patched
+    set_expert(model, experts[1])
+    before = {n: layer.state() for n, layer in svf_layers(model).items()}
+    attn = model.config._attn_implementation
+    model.train()
+    row_z = {n: torch.stack([e.vectors[n] for e in experts[:2]]) for n in svf_layers(model)}
+    generate(model, encode(tokenizer, QUESTIONS[:2]), max_new_tokens=3, row_z=row_z)
+    assert model.training and model.config._attn_implementation == attn
+    for n, layer in svf_layers(model).items():
+        assert all(a is b for a, b in zip(layer.state(), before[n]))
+    model.eval()
+    x = torch.tensor([encode(tokenizer, ["hello"])[0]])
+    assert torch.isfinite(model(x).logits).all()  # HF attention works again
+    set_expert(model, None)
+
+
+def test_pad_batch_has_the_rollout_layout():
+    ids, attn, comp, P = pad_batch([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], pad_id=0)
+    assert P == 3
+    assert ids.tolist() == [[5, 6, 7, 1, 2, 0], [0, 0, 8, 3, 4, 9]]
+    assert attn.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    assert comp.tolist() == [[0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1]]
+
+
+def test_torch_backend_sets_weights_from_w_prime_or_from_z(patched):
+    model, tokenizer, experts = patched
+    backend = TorchBackend(model, pad_id=tokenizer.pad_token_id)
+    assert isinstance(backend, DecodingBackend)
+    prompts = encode(tokenizer, QUESTIONS[:3])
+    backend.set_z(experts[2].vectors)
+    by_z = backend.generate(prompts, max_new_tokens=8)
+    backend.set_weights({n: layer.adapted_weight(experts[2].vectors[n]) for n, layer in svf_layers(model).items()})
+    assert backend.generate(prompts, max_new_tokens=8) == by_z
+    backend.set_weights(None)
+    assert backend.generate(prompts, max_new_tokens=8) == generate(model, prompts, max_new_tokens=8)
+
+
+# ---------------------------------------------------------------- the real default model
+
+@pytest.mark.slow
+def test_real_model_matches_hf_generate_and_is_batch_invariant(tmp_path):
+    from transformer2.generation import chat_prompts
+    from transformer2.models import load_base, prepare_model
+
+    prepare_model("builtin:smollm2-135m-instruct", tmp_path)
+    model, tokenizer, _ = load_base(tmp_path)
+    docs = [{"question": q} for q in ("Tom has 3 apples and buys 5 more. How many now?", "What is 12 * 12?",
+                                      "A train goes 60 km in 1.5 hours. What is its speed?", "Is 91 prime?")]
+    prompts = encode(tokenizer, chat_prompts(tokenizer, "gsm8k", docs))
+    got, seen = logits_by_row(model=model, prompts=prompts, max_new_tokens=24, stop_ids=[tokenizer.eos_token_id],
+                              pad_id=tokenizer.pad_token_id)
+    assert got == hf_greedy(model, tokenizer, prompts, 24, batched=True)
+    assert got == hf_greedy(model, tokenizer, prompts, 24)
+    for i, p in enumerate(prompts):
+        alone = logits_by_row(model=model, prompts=[p], max_new_tokens=24, stop_ids=[tokenizer.eos_token_id])[1][0]
+        assert all(torch.equal(a, b) for a, b in zip(seen[i], alone))
