@@ -23,7 +23,7 @@ def _env(mirror: Path) -> dict:
     return env
 
 
-def _run(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], cwd: Path, env: dict, timeout: int = 2400) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
