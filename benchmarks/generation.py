@@ -10,8 +10,11 @@ prefill. Measured in one run, alternating the order of the methods per repeat so
 noise hits all alike: the roofline (best of a 512×576 · 576×1536 matmul; tokens/s = GFLOP/s /
 (2 · parameters)); the engine (`transformer2.decoding.generate`) with base weights, a fixed
 expert (W' rebuilt) and one z per row, at each batch and at its own choice of batch (all
-prompts, default token budget); HF `generate` at the same batches; log-likelihood scoring
-(`dispatch.continuation_logprobs`, gold answers after each prompt) in forward tokens/s.
+prompts, default token budget), and at batch < 4 also without the row padding that batch
+invariance costs; HF `generate` at the same batches; a real workload (every prompt, stopping
+at EOS: completion tokens/s of the engine vs HF `generate` in batches, as `generate_texts`
+ran it); log-likelihood scoring (`dispatch.continuation_logprobs`, gold answers after each
+prompt) in forward tokens/s.
 Prints a table and writes benchmarks/results/generation.json.
 """
 from __future__ import annotations
@@ -87,12 +90,13 @@ def main() -> None:
     ap.add_argument("--score-prompts", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--hf-batch", type=int, default=32, help="HF batch size in the stop-at-EOS run")
     ap.add_argument("--skip-hf-above", type=int, default=64, help="largest batch HF generate is timed at")
-    ap.add_argument("--quick", action="store_true", help="batches 1,8, 16 new tokens, 16 prompts: a smoke run")
+    ap.add_argument("--quick", action="store_true", help="batches 1,8, 8 new tokens, 8 prompts: a smoke run")
     ap.add_argument("--out", default="benchmarks/results/generation.json")
     args = ap.parse_args()
     if args.quick:
-        args.batches, args.max_new_tokens, args.own_prompts, args.score_prompts = "1,8", 16, 16, 8
+        args.batches, args.max_new_tokens, args.own_prompts, args.score_prompts, args.hf_batch = "1,8", 8, 8, 8, 8
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     N = args.max_new_tokens
@@ -133,6 +137,8 @@ def main() -> None:
         for B in batches:
             methods = [("base", lambda: engine(B, "base")), ("fixed", lambda: engine(B, "fixed")),
                        ("row_z", lambda: engine(B, "row_z"))]
+            if B < 4:  # rows padded to 4 for batch invariance vs. a plain gemv
+                methods.append(("base_noninv", lambda: engine(B, "base", batch_invariant=False)))
             if B <= args.skip_hf_above:
                 methods.append(("hf_generate", lambda: hf(B)))
             if r % 2:
@@ -147,6 +153,32 @@ def main() -> None:
             print(f"  own choice ({s['slots']} slots) {mode:<6} {s['generated'] / s['seconds']:7.1f} tok/s", flush=True)
         roof.append(roofline(args.threads))
     set_expert(model, None)
+
+    # a real workload: every prompt, stop at EOS; engine (own choice) vs HF in batches of --hf-batch
+    stop = sorted({tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)} - {None})
+    eos: dict = {}
+    for name in ("engine", "hf_generate"):
+        t = time.perf_counter()
+        if name == "engine":
+            useful = sum(map(len, generate(model, ids[:args.own_prompts], max_new_tokens=N, stop_ids=stop,
+                                           pad_id=tokenizer.pad_token_id)))
+        else:
+            useful = 0
+            order = sorted(range(args.own_prompts), key=lambda i: len(ids[i]))  # as generate_texts batches
+            for a in range(0, len(order), args.hf_batch):
+                chunk = [prompts[i] for i in order[a:a + args.hf_batch]]
+                enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+                with torch.no_grad():
+                    out = model.generate(**enc, max_new_tokens=N, do_sample=False, eos_token_id=stop,
+                                         pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
+                for row in out[:, enc["input_ids"].shape[1]:].tolist():
+                    cut = [k for k, tok in enumerate(row) if tok in stop]
+                    useful += cut[0] + 1 if cut else len(row)
+        eos[name] = {"seconds": round(time.perf_counter() - t, 2), "completion_tokens": useful,
+                     "tokens_per_s": round(useful / (time.perf_counter() - t), 2)}
+        print(f"  stop at EOS, {args.own_prompts} prompts, {name:<12} {eos[name]['tokens_per_s']:7.1f} tok/s", flush=True)
+    eos["engine_over_hf"] = round(eos["engine"]["tokens_per_s"] / eos["hf_generate"]["tokens_per_s"], 3)
+    eos["hf_batch"] = args.hf_batch
 
     # log-likelihood scoring: gold answers after each prompt (CEM's fitness, lm-eval loglikelihood)
     sp, answers = prompts[:args.score_prompts], [" " + d["answer"] for d in docs[:args.score_prompts]]
@@ -180,6 +212,7 @@ def main() -> None:
         "prompts": source, "prompt_tokens_mean": round(sum(len(i) for i in ids[:max(batches)]) / max(batches), 1),
         "roofline_gflops": round(gflops, 1), "roofline_gflops_all": [round(x, 1) for x in roof],
         "roofline_tokens_per_s": round(roof_tok, 1), "rows": rows, "ratios": ratios,
+        "stop_at_eos": eos,
         "loglik": {"prompts": len(sp), "forward_tokens": score_tokens, "seconds": round(score_s, 2),
                    "tokens_per_s": round(score_tokens / score_s, 1),
                    "share_of_roofline": round(score_tokens / score_s / roof_tok, 4)},
@@ -201,7 +234,14 @@ def main() -> None:
     ll = result["loglik"]
     print(f"log-likelihood scoring: {ll['tokens_per_s']:.1f} forward tok/s ({ll['share_of_roofline']:.1%}), "
           f"{ll['prompts']} prompts, {ll['forward_tokens']} tokens")
+    print(f"stop at EOS ({args.own_prompts} prompts, completion tokens/s): engine {eos['engine']['tokens_per_s']:.1f}, "
+          f"HF generate in batches of {args.hf_batch} {eos['hf_generate']['tokens_per_s']:.1f} "
+          f"({eos['engine_over_hf']}x)")
     print("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
+
+
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
 def _busy() -> list[str]:

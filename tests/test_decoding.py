@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from transformer2 import decoding
+from transformer2.decoding import engine, kv
 from transformer2.decoding import DecodingBackend, TorchBackend, generate, pad_batch
 from transformer2.models import TINY_ARCHS, build_tiny_random, fingerprint
 from transformer2.svd import decompose, load_factors
@@ -86,9 +86,9 @@ def test_kernels_round_the_same_for_multiples_of_four_rows_and_keys():
     q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (2, 200, 200))
     ok = lambda L, n: (torch.arange(L) < n)[None, None, None]
     for n in (5, 17, 63):
-        ref = decoding._attn(q, k[:, :, :16 * -(-n // 16)], v[:, :, :16 * -(-n // 16)], ok(16 * -(-n // 16), n), 0.25, None)
+        ref = kv._attn(q, k[:, :, :16 * -(-n // 16)], v[:, :, :16 * -(-n // 16)], ok(16 * -(-n // 16), n), 0.25, None)
         for L in (n + 11 + (-(n + 11)) % 16, 192):
-            assert torch.equal(decoding._attn(q, k[:, :, :L], v[:, :, :L], ok(L, n), 0.25, None), ref), (n, L)
+            assert torch.equal(kv._attn(q, k[:, :, :L], v[:, :, :L], ok(L, n), 0.25, None), ref), (n, L)
 
 
 # ---------------------------------------------------------------- greedy == HF generate
@@ -129,7 +129,7 @@ def test_a_rows_logits_never_depend_on_the_batch(arch, monkeypatch):
     prompts cut into pieces, rows stopping early and others admitted: the same bits each step."""
     model, tokenizer = build_tiny_random(arch)
     model.eval()
-    monkeypatch.setattr(decoding, "PIECE", 12)  # long prompts prefill in several pieces
+    monkeypatch.setattr(engine, "PIECE", 12)  # long prompts prefill in several pieces
     prompts = chat_and_plain(tokenizer)
     alone = [logits_by_row(model=model, prompts=[p], max_new_tokens=12)[1][0] for p in prompts]
     rng = random.Random(0)
@@ -264,3 +264,18 @@ def test_real_model_matches_hf_generate_and_is_batch_invariant(tmp_path):
     for i, p in enumerate(prompts):
         alone = logits_by_row(model=model, prompts=[p], max_new_tokens=24, stop_ids=[tokenizer.eos_token_id])[1][0]
         assert all(torch.equal(a, b) for a, b in zip(seen[i], alone))
+
+
+def test_a_peft_lora_model_in_training_mode_decodes_like_hf_in_eval_mode():
+    """The LoRA baseline validates a PeftModel mid-training: dropout off while decoding, mode restored."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = build_tiny_random("llama", seed=5)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5,
+                                                  target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    prompts = chat_and_plain(tokenizer)[:4]
+    peft_model.train()
+    got = generate(peft_model, prompts, max_new_tokens=10)
+    assert peft_model.training
+    peft_model.eval()
+    assert got == hf_greedy(peft_model, tokenizer, prompts, 10, batched=True)

@@ -1,0 +1,33 @@
+"""One decoding engine for every path that generates: rollouts, validation, CEM, dispatch, lm-eval.
+
+`model.generate` reached ~14% of the fp32 matmul roofline on the 2-core CPU this project runs
+on: its cache grows by concatenation, it builds masks every step and pads rows on the left.
+`generate` here runs the same Hugging Face model, unchanged, and swaps only its attention
+function (a registered `AttentionInterface`) for one that owns a preallocated KV buffer:
+
+- rows are *left-aligned*: slot s, position p holds token p of the row in slot s, so padding
+  only ever trails a row and a row's keys never move when other rows come and go;
+- continuous batching: a row leaves the batch the step it stops (the last row moves into its
+  slot), and waiting prompts are admitted into free slots, within a token budget
+  (slots × (longest prompt + max_new_tokens));
+- prefill is packed (no padding between prompts) and stops one token short of each prompt:
+  every logit comes from the same one-token decode step, so nothing needs a per-row gather;
+- the prompts' common token prefix (a system prompt) is run once per z and copied into rows.
+
+Batch invariance (bitwise): a row's logits, hence its tokens, never depend on padding, batch
+size or the other rows. Kernels can round differently for different shapes; on this machine's
+MKL (see `tests/test_decoding.py`): a linear layer's output row depends on the row count M
+only when M is not a multiple of 4 (M < 4 is a gemv; threaded, M in 5..11 splits unevenly);
+SDPA's CPU flash kernel splits keys into length-dependent blocks, so trailing padding changes
+a row; a plain q·kᵀ matmul changes a column unless the key count is a multiple of 4. Hence:
+every forward has a multiple of 4 rows (decode) or tokens per prompt piece (prefill), and
+attention is matmul + softmax over a key length rounded up to 16 whose masked keys trail.
+`batch_invariant=False` drops the row padding (faster at batch 1, where M=1 is a gemv).
+
+Not kept: `torch.compile` of the decode step (dynamic shapes: ~19 min of compiling on this
+machine for no measurable gain), and SDPA (see above).
+"""
+from .backend import DecodingBackend, TorchBackend
+from .engine import generate, pad_batch
+
+__all__ = ["DecodingBackend", "TorchBackend", "generate", "pad_batch"]
