@@ -12,13 +12,14 @@ TASK_FILE = str(ROOT / "examples" / "addition_task.py")
 
 @pytest.fixture(scope="module")
 def addition(tiny_model_dir, tmp_path_factory):
-    from transformer2.tasks import export_splits
+    from transformer2.tasks import TASKS, export_splits
 
     load_task_modules([TASK_FILE])
     root = tmp_path_factory.mktemp("addition")
     counts = export_splits("addition", root / "data", max_rows=6)
     setup = saved_random_experts(tiny_model_dir, root, {"gsm8k": 1, "mbpp": 2})
-    return {**setup, "data": root / "data", "counts": counts, "root": root}
+    yield {**setup, "data": root / "data", "counts": counts, "root": root}
+    TASKS.pop("addition", None)  # the registry is process-wide: later test modules see the built-in tasks only
 
 
 def test_params_accept_the_task_and_the_data_stage_splits_it(addition):
