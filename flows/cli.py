@@ -1,13 +1,17 @@
 """`t2`: the one command line. `t2 <stage>` runs that stage's Prefect flow (dvc.yaml calls these).
 
-Heavy imports happen after the arguments and params.yaml are checked, so a typo is reported
-in a second, not after Prefect has started a server.
+Heavy imports happen after the arguments, params.yaml, the stage's inputs and the tracking server
+are checked, so a typo or a missing expert is one `t2: error:` line in a second, not a traceback
+after Prefect has started a server. Errors are one line; `--debug` (or T2_DEBUG=1) shows Prefect's
+tracebacks and raises, and the last unexpected error's traceback is kept in $PREFECT_HOME/t2-error.log.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from transformer2.cells import CELL_KINDS
@@ -25,14 +29,23 @@ STAGE_HELP = {
     "model": "resolve model.name, convert built-ins/GGUF once, record the base fingerprint",
     "data": "write the train/validation/test splits of every task in data.tasks",
     "decompose": "thin SVD of every svf.targets matrix (resumable)",
-    "report": "Table-1/Table-2-style results (reports/results.md, plots/results.png) from every eval cell",
+    "report": "Table-1/Table-2-style results (reports/results.md, plots/results.png) from the eval cells "
+              "of the current dvc.yaml and params",
 }
+TRACKED = {"model", "data", "decompose", "report", "train-expert", "train-lora", "classifier", "cem", "eval",
+           "pipeline", "serve"}  # commands that log to MLflow
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="t2", description="Transformer² pipeline: SVF experts, two-pass "
                                 "adaptation, LoRA baselines, lm-eval benchmarks.")
+    p.add_argument("--debug", action="store_true", default=os.environ.get("T2_DEBUG") == "1",
+                   help="show tracebacks (also T2_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True, metavar="command")
+    s = sub.add_parser("params", help="write what each stage reads to stage_params/ (stage `params`; DVC reruns "
+                       "a stage when its file changes)")
+    s.add_argument("--params", default="params.yaml")
+    s.add_argument("--dry", action="store_true", help="only list the stage units whose settings would change")
     for name, text in STAGE_HELP.items():
         s = sub.add_parser(name, help=text, description=text)
         s.add_argument("--params", default="params.yaml", help="config file (default: params.yaml)")
@@ -74,9 +87,61 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = 2) -> int:
     print(f"t2: error: {message}", file=sys.stderr)
-    return 2
+    return code
+
+
+class _NoRunErrors(logging.Filter):
+    """Prefect logs a failed task's and flow's exception (with its traceback) before it reaches `main`,
+    which prints it as one line: keep those records off the console (the Prefect UI still has them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+            return True
+        return record.levelno < logging.ERROR and not record.getMessage().startswith(
+            ("Finished in state Failed", "Finished in state Crashed"))
+
+
+def _quiet_prefect_errors() -> None:
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _NoRunErrors) for f in handler.filters):
+            handler.addFilter(_NoRunErrors())
+
+
+def _unexpected(err: BaseException) -> int:
+    log = Path(os.environ["PREFECT_HOME"]) / "t2-error.log"
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("".join(traceback.format_exception(err)))
+        where = f"traceback in {log}"
+    except OSError:
+        where = "rerun with --debug for the traceback"
+    lines = str(err).strip().splitlines() or [""]
+    return _fail(f"{type(err).__name__}: {lines[0]}{' …' if len(lines) > 1 else ''} ({where})", 1)
+
+
+def _check_before_start(args: argparse.Namespace, params) -> None:
+    """Everything that can fail without a model or Prefect: the task, the stage's inputs, the tracking server."""
+    from transformer2.errors import UserError
+
+    from .inputs import check_inputs
+
+    lists = {"train-expert": "rl", "train-lora": "lora", "cem": "cem"}
+    if args.command in lists:
+        tasks = getattr(params, lists[args.command]).tasks
+        if args.task not in tasks:
+            raise UserError(f"--task {args.task!r} is not in {lists[args.command]}.tasks {tasks}")
+    if args.command == "eval":
+        from transformer2.tasks import benchmark_names
+
+        if args.task not in benchmark_names():
+            raise UserError(f"unknown --task {args.task!r}; known: {', '.join(benchmark_names())}")
+    check_inputs(args.command, params, getattr(args, "task", None), getattr(args, "kind", None))
+    if args.command in TRACKED:
+        from tasks.tracking import check_tracking_uri
+
+        check_tracking_uri(params.tracking.uri)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
+    if not sys.stderr.isatty():  # progress bars only on a terminal (tqdm, datasets, the hub)
+        for key in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
+            os.environ.setdefault(key, "1")
     if argv[:1] == ["lm-eval"]:  # lm-eval's own CLI, with the `transformer2` model registered
         from transformer2.errors import UserError
         from transformer2.harness import cli_main
@@ -105,6 +173,19 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(params.model_dump(), sort_keys=False), end="")
             return 0
+        if args.command == "params":
+            from . import layout
+            from .dag import write_stage_params
+
+            changed = write_stage_params(args.params, dry=args.dry)
+            verb = "would change" if args.dry else "changed"
+            print(f"{layout.STAGE_PARAMS_DIR}/: {len(changed)} {verb}" + (f": {', '.join(changed)}" if changed else ""))
+            return 0
+        _check_before_start(args, params)
+        if not args.debug:
+            import prefect.main  # noqa: F401  (configures logging; the filter goes on its console handler)
+
+            _quiet_prefect_errors()
         if args.command == "pipeline":
             from .pipeline import pipeline_flow
 
@@ -123,14 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "train-expert":
             from .stages import expert_flow
 
-            if args.task not in params.rl.tasks:
-                return _fail(f"--task {args.task!r} is not in rl.tasks {params.rl.tasks}")
             expert_flow(task=args.task, params_path=args.params, resume=args.resume)
         elif args.command == "train-lora":
             from .stages import lora_flow
 
-            if args.task not in params.lora.tasks:
-                return _fail(f"--task {args.task!r} is not in lora.tasks {params.lora.tasks}")
             lora_flow(task=args.task, params_path=args.params, resume=args.resume)
         elif args.command == "classifier":
             from .stages import classifier_flow
@@ -139,25 +216,24 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "cem":
             from .stages import cem_flow
 
-            if args.task not in params.cem.tasks:
-                return _fail(f"--task {args.task!r} is not in cem.tasks {params.cem.tasks}")
             cem_flow(task=args.task, params_path=args.params, resume=args.resume)
         elif args.command == "eval":
             from .stages import eval_flow
-
-            from transformer2.tasks import benchmark_names
-
-            if args.task not in benchmark_names():
-                return _fail(f"unknown --task {args.task!r}; known: {', '.join(benchmark_names())}")
             eval_flow(kind=args.kind, task=args.task, params_path=args.params)
         else:
             from .stages import STAGES
 
             STAGES[args.command](params_path=args.params)
     except UserError as err:
+        if args.debug:
+            raise
         return _fail(str(err))
     except KeyboardInterrupt:
         return _fail("interrupted; rerun the same command to resume")
+    except Exception as err:  # a bug or an environment problem: one line here, the traceback in a file
+        if args.debug:
+            raise
+        return _unexpected(err)
     return 0
 
 

@@ -14,8 +14,15 @@ CHECKPOINTS_DIR = ARTIFACTS / "checkpoints"  # resumable training state; not a D
 METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")
 REPORTS_DIR = Path("reports")
+RESULTS_FILE = Path("results.json")  # score.<method>.<task>: short `dvc exp show` columns
 PARAMS = Path("params.yaml")
+STAGE_PARAMS_DIR = Path("stage_params")  # what each stage unit reads (the `params` stage writes it)
 
 
 def metrics_file(stage: str) -> Path:
     return METRICS_DIR / f"{stage}.json"
+
+
+def base_samples(task: str) -> Path:
+    """The base cell's per-sample outputs: every other cell of the task is paired against them."""
+    return EVAL_DIR / f"base_{task}" / "samples.jsonl"

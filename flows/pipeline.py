@@ -5,20 +5,16 @@ topological order) and each stage's `cmd` (a `t2 ...` command), with `foreach` r
 against the validated params. By default each stage runs as `dvc repro --single-item <stage>`:
 DVC skips what is up to date, records dvc.lock and caches the outputs, while each stage still
 appears in Prefect as its own task run (DVC holds a repository lock, so stages run one at a
-time). `use_dvc=False` runs each stage's command in-process, without git or DVC; there
-`parallel=True` runs the items of a foreach stage (e.g. the experts of different tasks)
+time). Each stage's MLflow run nests under the pipeline's own run (its id reaches the stage
+processes in MLFLOW_PARENT_RUN_ID). `use_dvc=False` runs each stage's command in-process,
+without git or DVC; there `parallel=True` runs the items of a foreach stage (e.g. the experts of different tasks)
 concurrently (several copies of the model in memory: for multi-GPU or big-RAM hosts).
 """
 from __future__ import annotations
 
-import re
 import shlex
 import subprocess
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -26,49 +22,7 @@ from transformer2.config import load_params
 from transformer2.errors import UserError
 
 from . import layout
-
-DVC_FILE = "dvc.yaml"
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    commands: tuple[str, ...]  # one per foreach item, `${item}` filled in
-    foreach: bool
-
-
-def dvc_file() -> Path:
-    """The project's dvc.yaml: in the working directory, else next to this package (a source checkout)."""
-    for path in (Path(DVC_FILE), Path(__file__).resolve().parents[1] / DVC_FILE):
-        if path.is_file():
-            return path
-    raise UserError(f"{DVC_FILE} not found in {Path.cwd()} or beside the installed flows package")
-
-
-def _lookup(params: dict, ref: str) -> Any:
-    value: Any = params
-    for key in ref.split("."):
-        if not isinstance(value, dict) or key not in value:
-            raise UserError(f"{DVC_FILE}: ${{{ref}}} names no key of the params")
-        value = value[key]
-    return value
-
-
-def dag_stages(params_path: str | Path = layout.PARAMS, path: str | Path | None = None) -> list[Stage]:
-    """The stages of dvc.yaml in order, each with its commands (foreach resolved against the params)."""
-    spec = yaml.safe_load(Path(path or dvc_file()).read_text())["stages"]
-    values = load_params(params_path).model_dump()
-    stages = []
-    for name, stage in spec.items():
-        if "foreach" in stage:
-            ref = re.fullmatch(r"\$\{([\w.]+)\}", str(stage["foreach"]))
-            items = _lookup(values, ref.group(1)) if ref else stage["foreach"]
-            cmds = tuple(stage["do"]["cmd"].replace("${item}", str(item)) for item in items)
-            stages.append(Stage(name, cmds, True))
-        else:
-            stages.append(Stage(name, (stage["cmd"],), False))
-    return stages
-
+from .dag import DVC_FILE, Stage, dag_stages, dvc_file, eval_cells, report_units  # noqa: F401  (the DAG's readers)
 
 @task(name="dvc-repro", cache_policy=NO_CACHE)
 def dvc_repro_task(stage: str) -> None:
@@ -95,6 +49,14 @@ def command_task(command: str, params_path: str) -> None:
 
 @flow(name="transformer2-pipeline")
 def pipeline_flow(params_path: str = str(layout.PARAMS), use_dvc: bool = True, parallel: bool = False) -> None:
+    """Every stage in DAG order, their MLflow runs nested under one parent run of this pipeline run."""
+    from tasks.tracking import pipeline_run
+
+    with pipeline_run(load_params(params_path), name="pipeline" + ("" if use_dvc else " (no dvc)")):
+        _run_stages(params_path, use_dvc, parallel)
+
+
+def _run_stages(params_path: str, use_dvc: bool, parallel: bool) -> None:
     for stage in dag_stages(params_path):
         if use_dvc:
             dvc_repro_task.with_options(name=f"dvc-repro-{stage.name}")(stage.name)

@@ -84,34 +84,49 @@ def cem_flow(task: str, params_path: str = str(layout.PARAMS), resume: bool = Fa
 
 @flow(name="eval", flow_run_name="eval-{kind}-{task}")
 def eval_flow(kind: str, task: str, params_path: str = str(layout.PARAMS)) -> dict:
+    import json
+
     from tasks.eval import evaluate_cell_task, model_args, strategy_model_args
     from transformer2.cells import TWO_PASS_KINDS
 
     params = load_params(params_path)
     extra: dict = {}
+    inputs = {"model": str(layout.MODEL_DIR)}
     if kind in TWO_PASS_KINDS:
         experts = {t: str(layout.EXPERTS_DIR / t) for t in params.rl.tasks}
         args = strategy_model_args(kind, params, str(layout.MODEL_DIR), str(layout.SVD_DIR), experts,
                                    classifier_dir=str(layout.CLASSIFIER_DIR), cem_dir=str(layout.CEM_DIR / task))
+        inputs.update({f"expert_{t}": folder for t, folder in experts.items()})
+        if kind == "classifier":
+            inputs["classifier"] = str(layout.CLASSIFIER_DIR)
         if kind == "few_shot":
-            from transformer2.cem import CEMResult
-
-            search = CEMResult.load(layout.CEM_DIR / task)
-            extra = {"adaptation_search_s": search.seconds, "cem_shots": search.shots}
+            inputs["cem"] = str(layout.CEM_DIR / task)
+            search = layout.metrics_file(f"cem_{task}")  # the search's time is a metric, not part of its output
+            if search.is_file():
+                m = json.loads(search.read_text())
+                extra = {"adaptation_search_s": m.get("search_seconds"), "cem_shots": m.get("shots")}
     else:
         adapter = {"svf": layout.EXPERTS_DIR / task, "lora": layout.LORA_DIR / task}.get(kind)
         args = model_args(kind, str(layout.MODEL_DIR), str(layout.SVD_DIR), str(adapter) if adapter else None)
+        if adapter is not None:
+            inputs[{"svf": "expert", "lora": "adapter"}[kind]] = str(adapter)
     return evaluate_cell_task(params, kind, task, args, str(layout.DATA_DIR), str(layout.EVAL_DIR / f"{kind}_{task}"),
                               str(layout.metrics_file(f"eval_{kind}_{task}")), extra,
-                              run_dir=str(layout.CHECKPOINTS_DIR / f"eval_{kind}_{task}"))
+                              run_dir=str(layout.CHECKPOINTS_DIR / f"eval_{kind}_{task}"), inputs=inputs,
+                              base_samples=None if kind == "base" else str(layout.base_samples(task)))
 
 
 @flow(name="report")
 def report_flow(params_path: str = str(layout.PARAMS)) -> dict:
+    """The report of exactly the cells the current dvc.yaml and params produce."""
     from tasks.report import report_task
 
-    return report_task(load_params(params_path), str(layout.METRICS_DIR), str(layout.REPORTS_DIR / "results.md"),
-                       str(layout.PLOTS_DIR / "results.png"))
+    from .dag import dag_stages, eval_cells, report_units
+
+    stages = dag_stages(params_path)
+    return report_task(load_params(params_path), str(layout.METRICS_DIR), eval_cells(stages), report_units(stages),
+                       str(layout.REPORTS_DIR / "results.md"), str(layout.PLOTS_DIR / "results.png"),
+                       str(layout.RESULTS_FILE))
 
 
 STAGES = {"model": model_flow, "data": data_flow, "decompose": decompose_flow, "classifier": classifier_flow,

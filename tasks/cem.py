@@ -1,20 +1,21 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from tqdm import tqdm
 
 from transformer2.tasks import shot_pool
-from transformer2.cem import CEMError, few_shot_cem, shot_indices
+from transformer2.cem import CEM_RESULT, CEMError, CEMResult, few_shot_cem, shot_indices
 from transformer2.config import Params
+from transformer2.files import atomic_write_json
 from transformer2.models import load_patched
 from transformer2.runtime import resource_metrics, timed
 from transformer2.svf import Expert
 
-from .tracking import record_metrics, stage_run, write_curve, write_json
+from .tracking import metric_name, progress_bar, record_metrics, stage_run, tag_output, write_curve, write_json
 
 HISTORY_FIELDS = ("generation", "best_accuracy", "best_loglik", "mean_accuracy", "elite_accuracy",
                   "best_so_far_accuracy", "best_so_far_loglik", "mean_std", "seconds")
@@ -23,6 +24,19 @@ HISTORY_FIELDS = ("generation", "best_accuracy", "best_loglik", "mean_accuracy",
 def load_task_experts(experts_dir: str, tasks: list[str]) -> dict[str, Expert]:
     """The trained SVF experts, named by task (the names dispatch routes and CEM mixes use)."""
     return {t: Expert.load(Path(experts_dir) / t) for t in tasks}
+
+
+def save_without_timings(result: CEMResult, out_dir: str) -> None:
+    """The search result as the library saves it, minus what differs between identical searches (seconds,
+    the generation a resume started from): those go to the metrics file and the curve, so a rerun that
+    finds the same α writes the same bytes and the evaluation cells downstream stay up to date."""
+    result.save(out_dir)
+    path = Path(out_dir) / CEM_RESULT
+    data = json.loads(path.read_text())
+    for key in ("seconds", "resumed_from"):
+        data.pop(key, None)
+    data["history"] = [{k: v for k, v in h.items() if k != "seconds"} for h in data["history"]]
+    atomic_write_json(path, data, sort_keys=False)
 
 
 @task(name="few-shot-cem", cache_policy=NO_CACHE)
@@ -42,32 +56,35 @@ def cem_task(params: Params, task_name: str, model_dir: str, svd_dir: str, data_
     indices = shot_indices(len(pool), cfg.shots, params.seed)
     shots = [pool[i] for i in indices]
     config = cfg.cem_config(params.seed)
-    with stage_run(params, "cem", sections=("cem",), task=task_name, kind="few_shot"):
+    with stage_run(params, "cem", task_name, kind="few_shot", method="t2-few-shot") as stage:
         with timed() as t:
             model, tokenizer, _ = load_patched(model_dir, svd_dir, svf, dtype=params.model.dtype,
                                                device=params.model.device)
-            bar = tqdm(total=cfg.generations, desc=f"cem {task_name}", unit="gen")
+            bar = progress_bar(cfg.generations, f"cem {task_name}", unit="gen")
 
             def progress(record: dict) -> None:
                 bar.update(1)
                 bar.set_postfix(acc=f"{record['best_so_far_accuracy']:.2f}", ll=f"{record['best_so_far_loglik']:.3f}")
-                mlflow.log_metrics({k: float(v) for k, v in record.items()
+                if bar.disable:
+                    log.info(f"cem {task_name}: generation {record['generation']}/{cfg.generations} best accuracy "
+                             f"{record['best_so_far_accuracy']:.2f}, log-likelihood {record['best_so_far_loglik']:.3f}")
+                mlflow.log_metrics({metric_name(k): float(v) for k, v in record.items()
                                     if k != "generation" and isinstance(v, (int, float))}, step=record["generation"])
 
             result = few_shot_cem(model, tokenizer, experts, task_name, shots, config, method=cfg.method,
                                   batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, progress=progress,
                                   run_dir=run_dir, resume=resume)
             bar.close()
-            result.save(out_dir)
+            save_without_timings(result, out_dir)
         write_json(Path(out_dir) / "shots.json", {"split": pool_split, "indices": indices})
         write_curve(curve_path, result.history, HISTORY_FIELDS)
         metrics = {"task": task_name, "experts": result.keys, "shots": len(shots), "shot_split": pool_split,
                    "population": cfg.population, "generations": cfg.generations, "per_matrix": cfg.per_matrix,
                    "method": cfg.method, "accuracy": result.accuracy, "loglik": result.loglik,
                    "alpha": result.alpha if not cfg.per_matrix else None, "search_seconds": result.seconds,
-                   "resumed_from_generation": result.resumed_from,
+                   "resumed_from_generation": result.resumed_from, "output_fingerprint": tag_output(out_dir),
                    **resource_metrics(t["seconds"])}
-        record_metrics(metrics_path, metrics)
+        metrics = record_metrics(metrics_path, metrics, stage)
         mlflow.log_artifacts(out_dir, artifact_path="cem")
         log.info(f"{task_name}: best α {result.alpha if not cfg.per_matrix else '(per matrix)'} — shot accuracy "
                  f"{result.accuracy:.3f}, gold log-likelihood {result.loglik:.3f} ({result.seconds:.0f} s)")

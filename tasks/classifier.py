@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -10,8 +11,11 @@ from transformer2.config import Params
 from transformer2.errors import UserError
 from transformer2.models import load_patched
 from transformer2.runtime import resource_metrics, timed
+from transformer2.svd import load_singular_values
+from transformer2.svf import expert_movement, init_expert
 
 from .tracking import progress_logger, record_training_run, stage_run, write_json
+
 
 @task(name="train-classifier", cache_policy=NO_CACHE)
 def train_classifier_task(params: Params, model_dir: str, svd_dir: str, data_dir: str, out_dir: str, run_dir: str,
@@ -26,20 +30,19 @@ def train_classifier_task(params: Params, model_dir: str, svd_dir: str, data_dir
     if missing:
         raise UserError(f"the classifier trains on classifier.sources {cfg.sources}; add {missing} to data.tasks")
     svf = params.svf.config()
-    with stage_run(params, "classifier", sections=("svf", "classifier"), kind="svf") as run:
+    with stage_run(params, "classifier", kind="classifier", method="t2-classifier") as stage:
         with timed() as t:
             model, tokenizer, info = load_patched(model_dir, svd_dir, svf, dtype=params.model.dtype,
                                                   device=params.model.device)
             train = classifier_docs(data_dir, "train", cfg.per_class, params.seed, cfg.sources, params.eval.adapt_tasks)
             val = classifier_docs(data_dir, "validation", cfg.val_per_class, params.seed, cfg.sources,
                                   params.eval.adapt_tasks)
-            progress, bar = progress_logger("classifier", cfg.steps)
+            progress, bar = progress_logger("classifier", cfg.steps, log.info)
             expert, result = train_classifier_expert(
                 model, tokenizer, info.fingerprint, svf, train, val, cfg.loop_config(params.seed), cfg.objective_config(),
                 run_dir, resume=resume, eval_batch_size=cfg.eval_batch_size, init_seed=params.seed,
                 progress=progress, mode=cfg.train_mode)
             bar.close()
-            expert.provenance["mlflow_run_id"] = run.info.run_id
             expert.save(out_dir)
             mlflow.log_params({"svf_parameters": expert.num_parameters, "train_docs": len(train),
                                "val_docs": len(val)})
@@ -54,9 +57,12 @@ def train_classifier_task(params: Params, model_dir: str, svd_dir: str, data_dir
                    "best_val_accuracy": result.best_val_accuracy, "best_step": result.best_step,
                    "steps": cfg.steps, "train_docs": len(train), "val_docs": len(val),
                    "heldout_docs": len(heldout), "svf_parameters": expert.num_parameters,
-                   "resumed_from_step": result.resumed_from, "dispatch": dispatch,
+                   "resumed_from_step": result.resumed_from, "dispatch": dispatch, **result.validation_summary(),
+                   "movement": expert_movement(expert, init_expert(model, info.fingerprint, svf,  # z_c's start
+                                                                   torch.Generator().manual_seed(params.seed)),
+                                               load_singular_values(svd_dir, info.fingerprint)),
                    **resource_metrics(t["seconds"])}
-        record_training_run(result, metrics, out_dir, metrics_path, curve_path, artifact_path="classifier")
+        metrics = record_training_run(result, metrics, out_dir, metrics_path, curve_path, "classifier", stage)
         log.info(f"classifier: validation accuracy base {result.base_val_accuracy:.3f} -> "
                  f"best {result.best_val_accuracy:.3f} (step {result.best_step})")
     return metrics

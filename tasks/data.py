@@ -16,7 +16,7 @@ def prepare_data_task(params: Params, out_dir: str, metrics_path: str) -> dict:
     log = get_run_logger()
     mirror = data_dir(params.data.dir)
     log.info(f"loading from {mirror or 'the Hugging Face hub'}")
-    with stage_run(params, "data", sections=("data",)):
+    with stage_run(params, "data") as stage:
         with timed() as t:
             counts = {}
             for name in params.data.tasks:
@@ -24,5 +24,5 @@ def prepare_data_task(params: Params, out_dir: str, metrics_path: str) -> dict:
                                              params.data.fewshot_holdout)
                 log.info(f"{name}: {counts[name]}")
         metrics = {"rows": counts, **resource_metrics(t["seconds"])}
-        record_metrics(metrics_path, metrics)
+        metrics = record_metrics(metrics_path, metrics, stage)
     return metrics

@@ -16,7 +16,7 @@ from .tracking import record_metrics, stage_run
 def decompose_task(params: Params, model_dir: str, out_dir: str, metrics_path: str) -> dict:
     """Thin float32 SVD of every targeted matrix, resumable; the cache later stages read."""
     log = get_run_logger()
-    with stage_run(params, "decompose", sections=("svf",)):
+    with stage_run(params, "decompose") as stage:
         with timed() as t:
             model, _, info = load_base(model_dir, dtype="float32", device="cpu")
             names = find_targets(model, params.svf.targets)
@@ -26,5 +26,5 @@ def decompose_task(params: Params, model_dir: str, out_dir: str, metrics_path: s
                               progress=lambda i, n, name: (i % step == 0 or i == n) and log.info(f"SVD {i}/{n} {name}"))
         metrics = {"modules": len(names), "svf_parameters": count_svf_parameters(model, params.svf.targets),
                    "max_rel_reconstruction_error": index["max_rel_error"], **resource_metrics(t["seconds"])}
-        record_metrics(metrics_path, metrics)
+        metrics = record_metrics(metrics_path, metrics, stage)
     return metrics

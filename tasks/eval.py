@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -12,9 +13,9 @@ from transformer2.files import atomic_write_text
 from transformer2.harness import cache_files, evaluate_task
 from transformer2.runtime import resource_metrics, timed
 from transformer2.identity import file_bytes, run_fingerprint
+from transformer2.stats import PairingError, cell_statistics
 
-from .tracking import record_metrics, stage_run, write_json
-
+from .tracking import METHODS, cell_metrics, log_inputs, record_metrics, stage_run, write_json
 
 
 def model_args(kind: str, model_dir: str, svd_dir: str, adapter_dir: str | None) -> dict:
@@ -77,6 +78,26 @@ def _input_files(args: dict) -> list[Path]:
     return files
 
 
+def sample_statistics(samples: Path, metric: str, base_samples: str | None, seed: int, log) -> dict:
+    """n, the 95% interval of the cell's accuracy and, against the base cell on the same docs, Δ with its
+    interval and paired test (`stats.cell_statistics`). A cell that cannot be paired keeps its own result
+    and says why (`stats_error`): the evaluation is never lost to its statistics."""
+    try:
+        stats = cell_statistics(samples, metric, base_samples, seed=seed)
+    except (PairingError, OSError) as err:
+        log.warning(f"no paired statistics for {samples}: {err}")
+        try:
+            stats, error = cell_statistics(samples, metric, seed=seed), str(err)
+        except (PairingError, OSError) as own:
+            return {"stats_error": str(own)}
+        stats["stats_error"] = error
+    out = {"ci95": [stats.pop("ci_low"), stats.pop("ci_high")], "sample_accuracy": stats.pop("accuracy"),
+           "sample_n": stats.pop("n")}
+    if "delta_vs_base" in stats:
+        out["delta_ci95"] = [stats.pop("delta_ci_low"), stats.pop("delta_ci_high")]
+    return {**out, **stats}
+
+
 def response_cache(run_dir: str, kind: str, task_name: str, args: dict, settings: dict) -> Path:
     """Where a cell caches lm-eval's responses: named by everything they depend on, so a rerun after
     a kill reuses them and a changed cell never does; caches of other configs are removed."""
@@ -89,21 +110,39 @@ def response_cache(run_dir: str, kind: str, task_name: str, args: dict, settings
     return cache
 
 
+class _Overrides(logging.Filter):
+    """lm-eval warns once per task that the project's YAMLs shadow its built-in ones: that is intended."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "overrides existing task" not in record.getMessage()
+
+
+logging.getLogger("lm_eval.tasks._index").addFilter(_Overrides())
+
+
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_cell_task(params: Params, kind: str, task_name: str, args: dict, data_dir: str, out_dir: str,
-                       metrics_path: str, extra: dict | None = None, run_dir: str | None = None) -> dict:
+                       metrics_path: str, extra: dict | None = None, run_dir: str | None = None,
+                       inputs: dict[str, str] | None = None, base_samples: str | None = None) -> dict:
     """One cell of the evaluation matrix through lm-eval (`args`: the `transformer2` model's
     model_args); results and per-sample outputs kept, first/second pass times recorded.
 
     With `run_dir`, responses are cached there as they are computed (a killed cell resumes) and
-    the cache is removed once the cell's results are written."""
+    the cache is removed once the cell's results are written. `inputs` (name -> folder: the model,
+    the expert / adapter / mix measured) are logged to MLflow with their fingerprints and the runs
+    that wrote them. The cell's output holds results and samples only; timings go to its metrics.
+    `base_samples`: the base cell's per-sample outputs on this task, to pair this cell's against."""
+    import mlflow
+
     log = get_run_logger()
     ev = params.eval.for_task(task_name)
     cache = None
     if run_dir is not None:
         cache = response_cache(run_dir, kind, task_name, args, {"eval": ev.model_dump(), "model": params.model.model_dump(),
                                                                 "seed": params.seed})
-    with stage_run(params, "eval", sections=("eval",), task=task_name, kind=kind):
+    with stage_run(params, "eval-" + kind.replace("_", "-"), task_name, kind=kind, method=METHODS[kind]) as stage:
+        if inputs:
+            log_inputs(params, inputs)
         with timed() as t:
             out = evaluate_task(args, task_name,
                                 data_root=Path(data_dir), style=ev.style, limit=ev.limit,
@@ -113,16 +152,22 @@ def evaluate_cell_task(params: Params, kind: str, task_name: str, args: dict, da
                                 device=params.model.device, dtype=params.model.dtype, seed=params.seed,
                                 response_cache=cache)
         out_path = Path(out_dir)
-        write_json(out_path / "results.json", {"results": out["results"], "adaptation": out["adaptation"],
-                                               "n_samples": out["n_samples"]})
+        write_json(out_path / "results.json", {"results": out["results"], "n_samples": out["n_samples"]})
         n_docs = sum(len({row.get("doc_id") for row in rows}) for rows in out["samples"].values())
-        atomic_write_text(out_path / "samples.jsonl", "".join(json.dumps({"task": sub, **row}, default=str) + "\n"
-                                                              for sub, rows in out["samples"].items() for row in rows))
+        samples = out_path / "samples.jsonl"
+        atomic_write_text(samples, "".join(json.dumps({"task": sub, **row}, default=str) + "\n"
+                                           for sub, rows in out["samples"].items() for row in rows))
         metrics = {"kind": kind, "task": task_name, "lm_eval_task": out["task"], "style": ev.style,
                    "limit": ev.limit, "n_docs": n_docs, "metric": out["headline"]["metric"], "value": out["headline"]["value"],
-                   "metrics": out["metrics"], **adaptation_metrics(out["adaptation"]), **(extra or {}),
+                   "metrics": out["metrics"], **sample_statistics(samples, out["headline"]["metric"], base_samples,
+                                                                  params.seed, log),
+                   **adaptation_metrics(out["adaptation"]), **(extra or {}),
                    "resumed_responses": out["cached_responses"], **resource_metrics(t["seconds"])}
-        record_metrics(metrics_path, metrics)
+        headline, logged = cell_metrics(metrics)
+        mlflow.set_tag("metric", headline)
+        metrics = record_metrics(metrics_path, metrics, stage, logged=logged)
+        mlflow.log_artifact(str(samples), artifact_path="samples")
+        mlflow.log_artifact(str(out_path / "results.json"), artifact_path="samples")
         for db in cache_files(cache) if cache is not None else []:
             db.unlink()  # results are written: a later rerun (dvc repro -f) recomputes and re-times everything
         log.info(f"{kind} on {task_name}: {out['headline']['metric']} = {out['headline']['value']:.4f}")

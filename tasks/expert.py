@@ -12,9 +12,11 @@ from transformer2.models import load_patched
 from transformer2.rl import train_svf_expert
 from transformer2.runtime import resource_metrics, timed
 from transformer2.sft import train_next_token
-from transformer2.svf import init_expert
+from transformer2.svd import load_singular_values
+from transformer2.svf import expert_movement, init_expert
 
 from .tracking import progress_logger, record_training_run, stage_run
+
 
 @task(name="train-expert", cache_policy=NO_CACHE)
 def train_expert_task(params: Params, task_name: str, model_dir: str, svd_dir: str, data_dir: str, out_dir: str,
@@ -26,8 +28,7 @@ def train_expert_task(params: Params, task_name: str, model_dir: str, svd_dir: s
     log = get_run_logger()
     rl = params.rl.for_task(task_name)
     svf = params.svf.config()
-    with stage_run(params, "expert", sections=("svf", "rl"), task=task_name, kind="svf",
-                   objective=rl.objective) as run:
+    with stage_run(params, "expert", task_name, kind="svf", method="svf", objective=rl.objective) as stage:
         with timed() as t:
             model, tokenizer, info = load_patched(model_dir, svd_dir, svf, dtype=params.model.dtype,
                                                   device=params.model.device)
@@ -37,7 +38,7 @@ def train_expert_task(params: Params, task_name: str, model_dir: str, svd_dir: s
             val = load_split(data_dir, task_name, "validation")[: rl.val_size]
             mlflow.log_params({"svf_parameters": expert.num_parameters, "train_docs": len(train),
                                "val_docs": len(val)})
-            progress, bar = progress_logger(f"expert {task_name}", rl.steps)
+            progress, bar = progress_logger(f"expert {task_name}", rl.steps, log.info)
             if rl.objective == "reinforce":
                 result, adapter = train_svf_expert(model, tokenizer, expert, task_name, train, val,
                                                    rl.loop_config(params.seed), rl.objective_config(), run_dir,
@@ -51,13 +52,14 @@ def train_expert_task(params: Params, task_name: str, model_dir: str, svd_dir: s
                     run_id=f"{info.fingerprint}|{svf}", progress=progress)
             bar.close()
             adapter.load_state(result.best_state)
-            adapter.save(out_dir, {"best_step": result.best_step, "best_val_accuracy": result.best_val_accuracy,
-                                   "mlflow_run_id": run.info.run_id})
+            adapter.save(out_dir, {"best_step": result.best_step, "best_val_accuracy": result.best_val_accuracy})
         metrics = {"task": task_name, "objective": rl.objective, "base_val_accuracy": result.base_val_accuracy,
                    "best_val_accuracy": result.best_val_accuracy, "best_step": result.best_step,
                    "steps": rl.steps, "val_docs": len(val), "svf_parameters": expert.num_parameters,
-                   "resumed_from_step": result.resumed_from, **resource_metrics(t["seconds"])}
-        record_training_run(result, metrics, out_dir, metrics_path, curve_path, artifact_path="expert")
+                   "resumed_from_step": result.resumed_from, **result.validation_summary(),
+                   "movement": expert_movement(adapter.to_expert({}), expert, load_singular_values(svd_dir, info.fingerprint)),
+                   **resource_metrics(t["seconds"])}
+        metrics = record_training_run(result, metrics, out_dir, metrics_path, curve_path, "expert", stage)
         log.info(f"{task_name}: validation accuracy base {result.base_val_accuracy:.3f} -> "
                  f"best {result.best_val_accuracy:.3f} (step {result.best_step})")
     return metrics

@@ -4,7 +4,7 @@
 gradient"; "SVF + next-token" is the expert stage with `rl.objective: next_token`). Training
 uses the library's one loop (`training.fit`) and objectives; validation is exactly the expert
 stage's (the task's `rl` max_new_tokens, val_size and eval_batch_size, same scorers); MLflow
-runs are tagged stage / task / kind / objective so they sit beside the SVF runs of the task.
+runs are tagged stage / task / kind / method / objective so they sit beside the SVF runs of the task.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from transformer2.tasks import load_split
 from transformer2.config import LoRAParams, Params
 from transformer2.runtime import resource_metrics, timed
 
+from .stage_params import lora_settings
 from .tracking import progress_logger, record_training_run, stage_run
 
 
@@ -31,8 +32,8 @@ def run_lora_stage(params: Params, task_name: str, model_dir: str, data_dir: str
 
     s = settings or params.lora.for_task(task_name)
     rl = params.rl.for_task(task_name)
-    with stage_run(params, "lora", sections=("lora", "rl"), task=task_name, kind="lora",
-                   objective=s.objective) as run:
+    with stage_run(params, "lora", task_name, kind="lora", method="lora", objective=s.objective,
+                   settings=lora_settings(params, task_name, s)) as stage:
         with timed() as t:
             model, tokenizer, info = load_base(model_dir, dtype=params.model.dtype, device=params.model.device)
             cfg = s.lora_config()
@@ -40,7 +41,7 @@ def run_lora_stage(params: Params, task_name: str, model_dir: str, data_dir: str
             val = load_split(data_dir, task_name, "validation")[: rl.val_size]
             mlflow.log_params({"trainable_parameters": count_lora_parameters(model, cfg), "train_docs": len(train),
                                "val_docs": len(val)})
-            progress, bar = progress_logger(f"lora {task_name}", s.steps)
+            progress, bar = progress_logger(f"lora {task_name}", s.steps, log)
             result, adapter = train_lora(
                 model, tokenizer, task_name, train, val, s.loop_config(params.seed), run_dir=run_dir,
                 objective=s.objective, lora=cfg, next_token=s.next_token_config(),
@@ -51,15 +52,14 @@ def run_lora_stage(params: Params, task_name: str, model_dir: str, data_dir: str
             adapter.load_state(result.best_state)
             adapter.save(out_dir, {"task": task_name, "objective": s.objective, "base": info.name,
                                    "base_fingerprint": info.fingerprint, "best_step": result.best_step,
-                                   "best_val_accuracy": result.best_val_accuracy,
-                                   "mlflow_run_id": run.info.run_id})
+                                   "best_val_accuracy": result.best_val_accuracy})
         metrics = {"task": task_name, "kind": "lora", "objective": s.objective,
                    "base_val_accuracy": result.base_val_accuracy, "best_val_accuracy": result.best_val_accuracy,
                    "best_step": result.best_step, "steps": s.steps, "train_docs": len(train),
                    "val_docs": len(val), "trainable_parameters": adapter.num_parameters,
                    "train_seconds": result.seconds, "resumed_from_step": result.resumed_from,
                    **resource_metrics(t["seconds"])}
-        record_training_run(result, metrics, out_dir, metrics_path, curve_path, artifact_path="adapter")
+        metrics = record_training_run(result, metrics, out_dir, metrics_path, curve_path, "adapter", stage)
         log(f"{task_name} (lora, {s.objective}): validation accuracy base {result.base_val_accuracy:.3f} -> "
             f"best {result.best_val_accuracy:.3f} (step {result.best_step}), "
             f"{adapter.num_parameters:,} trainable parameters")

@@ -38,13 +38,19 @@ def project(tmp_path_factory, mirror):
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
         proc = _run(cmd, root, env)
         assert proc.returncode == 0, proc.stderr
+    shutil.copy(ROOT / ".dvc" / "config", root / ".dvc" / "config")  # the default remote, beside the checkout
     return root, env
 
 
 def test_dvc_repro_runs_every_stage(project):
     root, env = project
-    proc = _run(["dvc", "repro"], root, env)
+    proc = _run(["dvc", "repro"], root, env, timeout=1800)  # ~10 min on 2 idle cores; far more when shared
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "overrides existing task" not in proc.stdout + proc.stderr  # lm-eval's shadowing warnings are off
+    assert json.loads((root / "stage_params/expert_gsm8k.json").read_text())["rl"]["max_new_tokens"] == 8
+    outputs = [p for p in (root / "artifacts").rglob("*") if p.suffix in (".json", ".md") and "checkpoints" not in p.parts]
+    assert outputs and not [p for p in outputs if "mlflow_run_id" in p.read_text()]  # run ids: metrics only
+    assert not [p for p in outputs if str(root) in p.read_text()]  # no absolute paths either
     model = json.loads((root / "artifacts/model/model.json").read_text())
     assert model["architecture"] == "LlamaForCausalLM"
     data = json.loads((root / "metrics/data.json").read_text())
@@ -57,6 +63,8 @@ def test_dvc_repro_runs_every_stage(project):
     assert expert["base_fingerprint"] == model["fingerprint"] and expert["provenance"]["task"] == "gsm8k"
     metrics = json.loads((root / "metrics/expert_gsm8k.json").read_text())
     assert metrics["steps"] == 2 and 0 <= metrics["best_val_accuracy"] <= 1
+    assert metrics["val_n"] == 3 and len(metrics["best_val_ci95"]) == 2  # validation with its interval
+    assert metrics["movement"]["matrices"] == 14 and metrics["movement"]["z_max_abs_change"] >= 0
     curve = (root / "plots/expert_gsm8k.csv").read_text().splitlines()
     assert curve[0].startswith("step,reward") and len(curve) == 3
     assert (root / "mlflow.db").is_file()
@@ -66,9 +74,15 @@ def test_dvc_repro_runs_every_stage(project):
     for kind, task in (("base", "gsm8k"), ("base", "arc_easy"), ("svf", "gsm8k"), ("lora", "gsm8k")):
         cell = json.loads((root / f"metrics/eval_{kind}_{task}.json").read_text())
         assert cell["kind"] == kind and cell["task"] == task and 0 <= cell["value"] <= 1
+        assert cell["mlflow_run_id"] and cell["params_hash"]
+        assert set(json.loads((root / f"artifacts/eval/{kind}_{task}/results.json").read_text())) == {
+            "results", "n_samples"}  # no timings in a DVC output
         assert (root / f"artifacts/eval/{kind}_{task}/results.json").is_file()
         samples = (root / f"artifacts/eval/{kind}_{task}/samples.jsonl").read_text().splitlines()
-        assert len({json.loads(line)["doc_id"] for line in samples}) == 2 == cell["n_docs"]
+        assert len({json.loads(line)["doc_id"] for line in samples}) == 2 == cell["n_docs"] == cell["sample_n"]
+        assert 0 <= cell["ci95"][0] <= cell["value"] <= cell["ci95"][1] <= 1  # Wilson, from the samples
+        if kind != "base":  # paired with the base cell on the same 2 docs
+            assert cell["paired_n"] == 2 and cell["test"] == "mcnemar_exact" and 0 <= cell["p_value"] <= 1
     classifier = json.loads((root / "metrics/classifier.json").read_text())
     assert classifier["steps"] == 1 and classifier["train_docs"] == 6 and classifier["heldout_docs"] == 6
     assert set(classifier["dispatch"]) == {"prompt_generate", "prompt_loglik", "classifier_generate",
@@ -79,6 +93,8 @@ def test_dvc_repro_runs_every_stage(project):
     cem = json.loads((root / "metrics/cem_arc_challenge.json").read_text())
     assert cem["experts"] == ["gsm8k"] and cem["shots"] == 2 and cem["shot_split"] == "train"
     assert (root / "artifacts/cem/arc_challenge/alpha.safetensors").is_file()
+    search = json.loads((root / "artifacts/cem/arc_challenge/cem.json").read_text())
+    assert "seconds" not in search and all("seconds" not in h for h in search["history"])
     assert data["rows"]["humaneval"] == {"fewshot": 2, "test": 6}
     for kind in ("prompt", "classifier", "few_shot"):
         cell = json.loads((root / f"metrics/eval_{kind}_arc_challenge.json").read_text())
@@ -87,7 +103,8 @@ def test_dvc_repro_runs_every_stage(project):
     routed = json.loads((root / "metrics/eval_prompt_arc_challenge.json").read_text())["per_key"]
     assert set(routed) <= {"gsm8k", "None"}  # only the gsm8k expert exists: other categories get the base
     report = (root / "reports/results.md").read_text()
-    assert "| GSM8K |" in report and "(n=2)" in report
+    assert "| GSM8K | exact_match,flexible-extract | 2 |" in report and "Δ " in report
+    assert "| SVF GSM8K |" in report and "| classifier z_c |" in report  # the training table
     assert "Table 3" in report and "| ARC-Challenge | few-shot |" in report and "Dispatch accuracy" in report
     assert (root / "plots/results.png").is_file()
 
@@ -122,20 +139,50 @@ def test_pipeline_flow_without_dvc_trains_experts_in_parallel(tmp_path, mirror):
         assert (tmp_path / f"artifacts/experts/{task}/expert.safetensors").is_file()
         assert json.loads((tmp_path / f"metrics/expert_{task}.json").read_text())["task"] == task
         assert json.loads((tmp_path / f"metrics/eval_svf_{task}.json").read_text())["kind"] == "svf"
+    script = ("import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db'); "
+              "runs = mlflow.search_runs(experiment_names=['tiny'], output_format='list'); "
+              "parents = {r.info.run_id for r in runs if r.data.tags['stage'] == 'pipeline'}; "
+              "print(len(parents), {r.data.tags.get('mlflow.parentRunId') in parents for r in runs "
+              "if r.data.tags['stage'] != 'pipeline'})")
+    proc = _run([sys.executable, "-c", script], tmp_path, env)
+    assert proc.stdout.strip().splitlines()[-1] == "1 {True}", proc.stderr[-2000:]  # one parent, every stage under it
 
 
 def test_mlflow_has_a_run_per_stage(project):
+    """One run per stage unit (plus the parent run of `t2 pipeline`), tagged so that one filter lines the
+    methods up per task: tags.stage = 'eval' and tags.task = '<task>', columns tags.method and the metric."""
     root, env = project
-    script = ("import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db'); "
-              "runs = mlflow.search_runs(experiment_names=['tiny']); "
-              "print(sorted(runs['tags.stage'].tolist()))")
+    script = ("import json, mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db'); "
+              "runs = mlflow.search_runs(experiment_names=['tiny'], output_format='list'); "
+              "client = mlflow.MlflowClient(); "
+              "print(json.dumps([{'tags': r.data.tags, 'params': r.data.params, 'metrics': r.data.metrics, "
+              "'artifacts': [a.path for a in client.list_artifacts(r.info.run_id, 'samples')] "
+              "if r.data.tags['stage'] == 'eval' else []} for r in runs]))")
     proc = _run([sys.executable, "-c", script], root, env)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = json.loads(proc.stdout.strip().splitlines()[-1])
     rl, lora, cem, ev = (TINY[k]["tasks"] for k in ("rl", "lora", "cem", "eval"))
     cells = len(ev) + len(rl) + len(lora) + 3 * len(TINY["eval"]["adapt_tasks"])  # base, svf, lora, strategies
-    stages = sorted(["data", "decompose", "model", "classifier", "report"] + ["expert"] * len(rl)
+    stages = sorted(["data", "decompose", "model", "classifier", "report", "pipeline"] + ["expert"] * len(rl)
                     + ["lora"] * len(lora) + ["cem"] * len(cem) + ["eval"] * cells)
-    assert proc.stdout.strip().splitlines()[-1] == str(stages)
+    assert sorted(r["tags"]["stage"] for r in runs) == stages
+    for r in runs:
+        assert r["tags"]["base_model"] == TINY["model"]["name"] and r["tags"]["profile"] == "tiny"
+        assert r["tags"]["params_hash"] and all("," not in m and "/" not in m for m in r["metrics"])
+    evals = {(r["tags"]["method"], r["tags"]["task"]): r for r in runs if r["tags"]["stage"] == "eval"}
+    assert set(evals) >= {("base", "gsm8k"), ("svf", "gsm8k"), ("lora", "gsm8k"), ("t2-prompt", "arc_challenge"),
+                          ("t2-classifier", "arc_challenge"), ("t2-few-shot", "arc_challenge")}
+    producers = {r["tags"].get("output_fingerprint"): r for r in runs}
+    svf = evals[("svf", "gsm8k")]
+    assert producers[svf["params"]["input.expert.fingerprint"]]["tags"]["unit"] == "expert@gsm8k"
+    assert svf["params"]["input.expert.run_id"] != "unknown"
+    assert evals[("t2-few-shot", "arc_challenge")]["params"]["input.cem.run_id"] != "unknown"
+    assert evals[("t2-classifier", "arc_challenge")]["params"]["input.classifier.run_id"] != "unknown"
+    for r in evals.values():
+        assert r["tags"]["metric"] in r["metrics"] and r["metrics"]["n"] == 2
+        assert "samples/samples.jsonl" in r["artifacts"]
+    classifier = next(r for r in runs if r["tags"]["stage"] == "classifier")
+    assert classifier["tags"]["kind"] == "classifier" and classifier["tags"]["method"] == "t2-classifier"
 
 
 def test_bad_params_fail_fast_with_the_key(project, tmp_path):
@@ -163,3 +210,23 @@ def test_pipeline_flow_reads_its_stages_from_dvc_yaml(tmp_path):
     assert stages["expert"].commands == ("t2 train-expert --task gsm8k --resume", "t2 train-expert --task mbpp --resume")
     assert stages["eval-few-shot"].commands == ("t2 eval --kind few_shot --task arc_challenge",)
     assert stages["model"].commands == ("t2 model",) and not stages["model"].foreach
+
+
+def test_dvc_push_and_pull_through_the_default_remote(project):
+    """The remote in .dvc/config (a folder beside the checkout) shares every artifact: push, lose the
+    workspace copies and the cache, pull, and the pipeline is up to date again."""
+    root, env = project
+    remote = root.parent / "transformer2-dvc-remote"
+    proc = _run(["dvc", "push"], root, env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert any(remote.rglob("*"))
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    cached = {o["path"] for s in lock.values() for o in s.get("outs", []) if o["path"].startswith("artifacts/")}
+    for path in cached:  # the outputs only: DVC's .gitignore files beside them stay, as in a fresh clone
+        shutil.rmtree(root / path)
+    shutil.rmtree(root / ".dvc" / "cache")
+    proc = _run(["dvc", "pull"], root, env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (root / "artifacts/experts/gsm8k/expert.safetensors").is_file()
+    proc = _run(["dvc", "status"], root, env)
+    assert "Data and pipelines are up to date" in proc.stdout, proc.stdout

@@ -2,19 +2,24 @@
 Table 2 (unseen tasks: base → adaptation strategies), as Markdown and a bar chart.
 
 Each cell is the headline metric of one `metrics/eval_<kind>_<task>.json` (in %, with the number
-of test docs it is based on); a cell that has not run is shown as "–", never guessed.
+of test docs it is based on). Only the cells the caller expects (those the current DAG produces)
+are read, so files another profile left on disk never enter a report: an expected cell that is
+not on disk reads "missing", one written under other settings (its `params_hash` differs) "stale",
+and a cell the run does not have "–". Nothing is guessed.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 from .cells import KIND_TITLES, TWO_PASS_KINDS
 from .files import atomic_save
 from .tasks import PAPER_TRAIN_TASKS as TRAIN_TASKS, PAPER_UNSEEN_TASKS as UNSEEN_TASKS, TASKS
 
-Cells = dict[tuple[str, str], dict]  # (kind, task) -> the cell's metrics file content
+Cells = dict[tuple[str, str], dict]  # (kind, task) -> the cell's metrics file content, or {"status": ...}
+Expected = Union[Mapping[tuple[str, str], Optional[str]], Iterable[tuple[str, str]]]
+MISSING, STALE = "missing", "stale"
 
 TABLE1_KINDS = ("base", "lora", "svf")
 TABLE2_KINDS = ("base", *TWO_PASS_KINDS)
@@ -24,41 +29,111 @@ def task_title(task: str) -> str:
     return TASKS[task].title if task in TASKS else task
 
 
-def read_cells(metrics_dir: str | Path) -> Cells:
-    cells: Cells = {}
-    for path in sorted(Path(metrics_dir).glob("eval_*.json")):
-        cell = json.loads(path.read_text())
-        cells[(cell["kind"], cell["task"])] = cell
-    return cells
+def read_metrics(path: Path, params_hash: Optional[str] = None) -> dict:
+    """One metrics file, or {"status": "missing"} / {"status": "stale"} (written under another `params_hash`)."""
+    if not path.is_file():
+        return {"status": MISSING}
+    metrics = json.loads(path.read_text())
+    if params_hash is not None and metrics.get("params_hash") != params_hash:
+        return {"status": STALE}
+    return metrics
 
 
-def _fmt(cell: Optional[dict]) -> str:
+def read_cells(metrics_dir: str | Path, expected: Expected) -> Cells:
+    """The `expected` cells ((kind, task), or a mapping to the `params_hash` each must have been written
+    under) from `metrics/eval_<kind>_<task>.json`; no other file is read."""
+    hashes = expected if isinstance(expected, Mapping) else dict.fromkeys(expected)
+    return {(kind, task): read_metrics(Path(metrics_dir) / f"eval_{kind}_{task}.json", h)
+            for (kind, task), h in hashes.items()}
+
+
+def measured(cells: Cells) -> Cells:
+    """The cells that have a result (not missing, not stale)."""
+    return {key: c for key, c in cells.items() if "status" not in c}
+
+
+SIGNIFICANT = 0.05  # a Δ whose paired test gives p below this is marked
+
+
+def _pct(x: float, signed: bool = False) -> str:
+    return f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
+
+
+def _fmt(cell: Optional[dict], show_n: bool = False) -> str:
+    """`41.2 [35.8, 46.8]`, and for an adapted cell its paired Δ vs base: `Δ +3.8 [-0.6, +8.1], p = 0.09`
+    (bold with * when p < SIGNIFICANT); n when the row's cells are not all on the same number of docs."""
     if cell is None:
         return "–"
-    n = cell.get("n_docs")
-    return f"{100 * cell['value']:.2f}" + (f" (n={n})" if n else "")
+    if "status" in cell:
+        return cell["status"]
+    text = _pct(cell["value"])
+    if cell.get("ci95"):
+        text += " [" + ", ".join(_pct(x) for x in cell["ci95"]) + "]"
+    if show_n and cell.get("n_docs"):
+        text += f" (n={cell['n_docs']})"
+    if "delta_vs_base" in cell:
+        delta = f"Δ {_pct(cell['delta_vs_base'], True)} [{', '.join(_pct(x, True) for x in cell['delta_ci95'])}], " \
+                f"p = {cell['p_value']:.2g}"
+        text += f"<br>**{delta} \\***" if cell["p_value"] < SIGNIFICANT else f"<br>{delta}"
+    elif cell.get("stats_error") and cell.get("kind") != "base":
+        text += "<br>(not paired with base)"
+    return text
 
 
 def table(cells: Cells, kinds: Sequence[str], tasks: Sequence[str], title: str) -> str:
-    """One Markdown table: a row per task, a column per model kind; metric named per row."""
-    head = "| task | metric | " + " | ".join(KIND_TITLES.get(k, k) for k in kinds) + " |"
-    rows = [f"### {title}", "", head, "|" + "---|" * (len(kinds) + 2)]
+    """One Markdown table: a row per task, a column per model kind; metric and n named per row."""
+    head = "| task | metric | n | " + " | ".join(KIND_TITLES.get(k, k) for k in kinds) + " |"
+    rows = [f"### {title}", "", head, "|" + "---|" * (len(kinds) + 3)]
     for task in tasks:
         row = [cells.get((k, task)) for k in kinds]
-        metric = next((c["metric"] for c in row if c), "–")
-        rows.append(f"| {task_title(task)} | {metric} | " + " | ".join(_fmt(c) for c in row) + " |")
+        metric = next((c["metric"] for c in row if c and "metric" in c), "–")
+        ns = {c["n_docs"] for c in row if c and "n_docs" in c}
+        n = str(next(iter(ns))) if len(ns) == 1 else "–"
+        rows.append(f"| {task_title(task)} | {metric} | {n} | " + " | ".join(_fmt(c, len(ns) > 1) for c in row) + " |")
     return "\n".join(rows) + "\n"
 
 
-def read_stage_metrics(metrics_dir: str | Path) -> tuple[Optional[dict], dict[str, dict]]:
-    """The classifier stage's metrics (or None) and the cem stage's, per task."""
-    root = Path(metrics_dir)
-    classifier = json.loads((root / "classifier.json").read_text()) if (root / "classifier.json").is_file() else None
-    cem = {}
-    for path in sorted(root.glob("cem_*.json")):
-        m = json.loads(path.read_text())
-        cem[m["task"]] = m
-    return classifier, cem
+def training_table(trained: Mapping[str, dict]) -> str:
+    """The trained adapters behind Table 1 and the dispatch: trainable parameters, validation accuracy of
+    the base and the kept step (95% intervals) and, for SVF vectors, how far z and σ moved."""
+    if not trained:
+        return ""
+    rows = ["### Training (validation split; the kept step is the best by validation accuracy)", "",
+            "| unit | trainable parameters | steps | val n | base val | best val (step) | max abs(z − z₀) | "
+            "mean abs(σ′/σ − 1) | seconds |",
+            "|---|---|---|---|---|---|---|---|---|"]
+
+    def acc(m: dict, name: str) -> str:
+        ci = m.get(f"{name}_val_ci95")
+        return _pct(m[f"{name}_val_accuracy"]) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
+
+    for unit, m in trained.items():
+        move = m.get("movement") or {}
+        z = f"{move['z_max_abs_change']:.3f}" if "z_max_abs_change" in move else "–"
+        sigma = f"{100 * move['sigma_mean_rel_change']:.2f}%" if "sigma_mean_rel_change" in move else "–"
+        params = m.get("svf_parameters", m.get("trainable_parameters"))
+        rows.append(f"| {unit} | {params:,} | {m.get('steps', '–')} | {m.get('val_n') or m.get('val_docs', '–')} | "
+                    f"{acc(m, 'base')} | {acc(m, 'best')} ({m.get('best_step', '–')}) | {z} | {sigma} | "
+                    f"{m.get('seconds', 0):.0f} |")
+    return "\n".join(rows) + "\n"
+
+
+def read_stage_metrics(metrics_dir: str | Path, expected: Mapping[str, Optional[str]]) -> tuple[Optional[dict],
+                                                                                            dict[str, dict],
+                                                                                            dict[str, dict]]:
+    """For the `expected` units (`classifier`, `cem_<task>`, `expert_<task>`, `lora_<task>` -> params_hash or
+    None): the classifier stage's metrics (or None), the cem stage's per task, and every trained adapter's
+    (SVF experts, LoRA baselines, z_c) by its display name; a missing or stale one is left out."""
+    found = {unit: read_metrics(Path(metrics_dir) / f"{unit}.json", h) for unit, h in expected.items()}
+    found = {unit: m for unit, m in found.items() if "status" not in m}
+    trained = {}
+    for unit, m in found.items():
+        kind, _, task = unit.partition("_")
+        if kind in ("expert", "lora"):
+            trained[f"{'SVF' if kind == 'expert' else 'LoRA'} {task_title(task)}"] = m
+    if "classifier" in found:
+        trained["classifier z_c"] = found["classifier"]
+    return found.get("classifier"), {m["task"]: m for unit, m in found.items() if unit.startswith("cem_")}, trained
 
 
 def timing_table(cells: Cells, kinds: Sequence[str] = TABLE2_KINDS[1:], tasks: Sequence[str] = UNSEEN_TASKS) -> str:
@@ -117,26 +192,35 @@ def cem_table(cem: Mapping[str, dict]) -> str:
 
 
 def build_report(cells: Cells, notes: Mapping[str, str] | None = None, classifier: Optional[dict] = None,
-                 cem: Optional[Mapping[str, dict]] = None) -> str:
+                 cem: Optional[Mapping[str, dict]] = None, trained: Optional[Mapping[str, dict]] = None) -> str:
     parts = ["# Results", "",
-             "Accuracy in % from lm-evaluation-harness (`metrics/eval_<kind>_<task>.json`); n = test docs "
-             "evaluated (a limit below the full test set is a CPU profile, not a paper number).", "",
+             "Accuracy in % from lm-evaluation-harness (`metrics/eval_<kind>_<task>.json`) with its 95% interval "
+             "(Wilson, from the per-sample outputs); n = test docs evaluated, the same docs in every cell of a row "
+             "(a limit below the full test set is a CPU profile, not a paper number). Under each adapted cell: "
+             "Δ vs base on those docs in points, its 95% interval (Newcombe, paired) and the exact McNemar "
+             f"p-value; **bold \\*** marks p < {SIGNIFICANT}.", "",
              table(cells, TABLE1_KINDS, TRAIN_TASKS, "Table 1 — training tasks (base / LoRA / SVF expert)"),
              table(cells, TABLE2_KINDS, UNSEEN_TASKS,
                    "Table 2 — unseen tasks (base → prompt dispatch / classifier expert / few-shot CEM)")]
-    parts += [extra for extra in (timing_table(cells), dispatch_table(classifier), cem_table(cem or {})) if extra]
+    parts += [extra for extra in (training_table(trained or {}), timing_table(cells), dispatch_table(classifier),
+                                  cem_table(cem or {})) if extra]
+    absent = [f"{kind} on {task_title(task)} ({c['status']})" for (kind, task), c in cells.items() if "status" in c]
+    if absent:
+        parts += ["**Not measured in this run.** " + ", ".join(absent) + ": run `dvc repro` (stale: written under "
+                  "other settings).", ""]
     for key, text in (notes or {}).items():
         parts += [f"**{key}.** {text}", ""]
     return "\n".join(parts)
 
 
 def plot_cells(cells: Cells, path: str | Path) -> None:
-    """Grouped bars per task for every kind that has a cell."""
+    """Grouped bars per task for every kind that has a measured cell."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    cells = measured(cells)
     tasks = [t for t in TRAIN_TASKS + UNSEEN_TASKS if any(task == t for _, task in cells)]
     kinds = [k for k in TABLE1_KINDS + TABLE2_KINDS[1:] if any(kind == k for kind, _ in cells)]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks)), 3.6))

@@ -46,6 +46,15 @@ class TrainResult:
     resumed_from: int = 0
     val_n: Optional[int] = None  # docs behind each validation accuracy (its records carry ci_low/ci_high)
 
+    def validation_summary(self) -> dict:
+        """The base's and the best step's validation accuracy with n and their 95% intervals, for metrics."""
+        out: dict = {"val_n": self.val_n}
+        for name, step in (("base", 0), ("best", self.best_step)):
+            record = next((v for v in self.validations if v["step"] == step and "ci_low" in v), None)
+            if record is not None:
+                out[f"{name}_val_ci95"] = [record["ci_low"], record["ci_high"]]
+        return out
+
 
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     """Docs of a step: a seeded permutation per epoch, a pure function of the step (resume-safe)."""
