@@ -12,9 +12,12 @@ def test_repo_params_yaml_is_valid():
     assert params.svf.targets == "mlp"
 
 
-def test_defaults_from_empty_file(tmp_path):
+def test_empty_file_is_refused_and_an_empty_mapping_means_defaults(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("")
+    with pytest.raises(ConfigError, match="the file is empty"):
+        load_params(path)
+    path.write_text("{}\n")
     assert load_params(path) == Params()
 
 

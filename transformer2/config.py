@@ -5,6 +5,7 @@ Every section rejects unknown keys and wrong types, and the error names the key
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -27,7 +28,10 @@ class ConfigError(UserError, ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+    """Strict: YAML's "0.002", `true` or "yes" never become a float, an int or a bool behind the user's back,
+    and .inf / .nan are refused (a grad_clip of .inf is no clipping, never what a config means)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, validate_assignment=True)
 
 
 def _known_tasks(v: list[str]) -> list[str]:
@@ -96,6 +100,19 @@ class SVFParams(Section):
     init_std: float = Field(default=0.01, ge=0)
     max_mult: float = Field(default=1.0, gt=0)
     keep_norm: bool = True
+
+    @field_validator("targets")
+    @classmethod
+    def _patterns(cls, v: Union[str, list[str]]) -> Union[str, list[str]]:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("an empty list targets nothing; name a set (mlp, attn, qv, all) or regular expressions")
+            for pattern in v:
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise ValueError(f"{pattern!r} is not a valid regular expression ({err})") from None
+        return v
 
     def config(self):
         """The library's `svf.SVFConfig`."""
@@ -363,6 +380,17 @@ class Params(Section):
         return self
 
 
+def _yaml_hint(value: Any) -> str:
+    """PyYAML reads 2e-3 (no dot) as a string, and "1.0" in quotes is one too: say how to write a number."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return ""
+        return "; write the number without quotes, with a dot before any exponent (2.0e-3)"
+    return ""
+
+
 def _describe(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid config"]
     for e in err.errors():
@@ -372,7 +400,7 @@ def _describe(err: ValidationError, source: str) -> str:
             lines.append(f"  {msg.removeprefix('Value error, ')}")
             continue
         got = "" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"
-        lines.append(f"  {key}: {msg}{got}")
+        lines.append(f"  {key}: {msg}{got}{_yaml_hint(e.get('input'))}")
     return "\n".join(lines)
 
 
@@ -401,5 +429,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read it ({err})") from None
+    if data is None:  # an empty or truncated file is a mistake far more often than a wish for every default
+        raise ConfigError(f"{path}: the file is empty; write `{{}}` to run with every default, or copy profiles/")
     return parse_params(data, str(path))
