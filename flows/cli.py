@@ -88,7 +88,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str, code: int = 2) -> int:
-    print(f"t2: error: {message}", file=sys.stderr)
+    """One line, always: a message of several lines (every invalid key of a config) is joined with '; '."""
+    first, *rest = message.strip().splitlines() or [""]
+    if rest:
+        first = first.rstrip(":") + ": " + "; ".join(line.strip() for line in rest if line.strip())
+    print(f"t2: error: {first}", file=sys.stderr)
     return code
 
 
@@ -230,6 +234,13 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(err))
     except KeyboardInterrupt:
         return _fail("interrupted; rerun the same command to resume")
+    except OSError as err:
+        if args.debug:
+            raise
+        if err.filename is None:
+            return _unexpected(err)
+        return _fail(f"cannot write or read {err.filename}: {err.strerror}; make it writable (or free disk space) "
+                     "and rerun (writes are atomic: earlier outputs are intact)")
     except Exception as err:  # a bug or an environment problem: one line here, the traceback in a file
         if args.debug:
             raise

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlflow
@@ -8,35 +7,24 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from transformer2.tasks import shot_pool
-from transformer2.cem import CEM_RESULT, CEMError, CEMResult, few_shot_cem, shot_indices
+from transformer2.cem import CEMError, few_shot_cem, shot_indices
 from transformer2.config import Params
-from transformer2.files import atomic_write_json
-from transformer2.models import load_patched
+from transformer2.models import ModelInfo, load_patched
 from transformer2.runtime import resource_metrics, timed
-from transformer2.svf import Expert
+from transformer2.svf import Expert, check_same_base
 
-from .tracking import metric_name, progress_bar, record_metrics, stage_run, tag_output, write_curve, write_json
+from .tracking import metric_name, progress_bar, record_metrics, stage_run, tag_output, write_curve
 
 HISTORY_FIELDS = ("generation", "best_accuracy", "best_loglik", "mean_accuracy", "elite_accuracy",
                   "best_so_far_accuracy", "best_so_far_loglik", "mean_std", "seconds")
 
 
-def load_task_experts(experts_dir: str, tasks: list[str]) -> dict[str, Expert]:
-    """The trained SVF experts, named by task (the names dispatch routes and CEM mixes use)."""
-    return {t: Expert.load(Path(experts_dir) / t) for t in tasks}
-
-
-def save_without_timings(result: CEMResult, out_dir: str) -> None:
-    """The search result as the library saves it, minus what differs between identical searches (seconds,
-    the generation a resume started from): those go to the metrics file and the curve, so a rerun that
-    finds the same α writes the same bytes and the evaluation cells downstream stay up to date."""
-    result.save(out_dir)
-    path = Path(out_dir) / CEM_RESULT
-    data = json.loads(path.read_text())
-    for key in ("seconds", "resumed_from"):
-        data.pop(key, None)
-    data["history"] = [{k: v for k, v in h.items() if k != "seconds"} for h in data["history"]]
-    atomic_write_json(path, data, sort_keys=False)
+def load_task_experts(experts_dir: str, tasks: list[str], base_fingerprint: str) -> dict[str, Expert]:
+    """The trained SVF experts, named by task (the names dispatch routes and CEM mixes use), each checked
+    against the base model's fingerprint: a mix of experts of another base is refused."""
+    experts = {t: Expert.load(Path(experts_dir) / t) for t in tasks}
+    check_same_base(experts, base_fingerprint, f" ({experts_dir})")
+    return experts
 
 
 @task(name="few-shot-cem", cache_policy=NO_CACHE)
@@ -48,7 +36,7 @@ def cem_task(params: Params, task_name: str, model_dir: str, svd_dir: str, data_
     log = get_run_logger()
     cfg = params.cem.for_task(task_name)
     svf = params.svf.config()
-    experts = load_task_experts(experts_dir, params.rl.tasks)
+    experts = load_task_experts(experts_dir, params.rl.tasks, ModelInfo.load(model_dir).fingerprint)
     pool_split, pool = shot_pool(data_dir, task_name)
     if cfg.shots > len(pool):
         raise CEMError(f"cem.shots={cfg.shots} but {task_name}'s {pool_split} split has {len(pool)} docs"
@@ -75,8 +63,9 @@ def cem_task(params: Params, task_name: str, model_dir: str, svd_dir: str, data_
                                   batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, progress=progress,
                                   run_dir=run_dir, resume=resume)
             bar.close()
-            save_without_timings(result, out_dir)
-        write_json(Path(out_dir) / "shots.json", {"split": pool_split, "indices": indices})
+            # α, cem.json (without timings: a rerun that finds the same α writes the same bytes) and the
+            # shots as one unit; the timings go to the metrics file and the curve
+            result.save(out_dir, timings=False, extra={"shots.json": {"split": pool_split, "indices": indices}})
         write_curve(curve_path, result.history, HISTORY_FIELDS)
         metrics = {"task": task_name, "experts": result.keys, "shots": len(shots), "shot_split": pool_split,
                    "population": cfg.population, "generations": cfg.generations, "per_matrix": cfg.per_matrix,

@@ -71,3 +71,63 @@ def saved_random_experts(model_dir: Path, root: Path, seeds: dict[str, int],
                (fingerprints or {}).get(name, info.fingerprint), SVFConfig(), {"task": name}).save(root / name)
         folders[name] = str(root / name)
     return {"model": str(model_dir), "svd": str(root / "svd"), "experts": folders}
+
+
+def _mini_mirror(source: Path, out: Path, rows: int = 400) -> Path:
+    """The first `rows` lines of every split of the real mirror: enough for the tiny profile's splits."""
+    for split in sorted(source.glob("*/*.jsonl")):
+        target = out / split.parent.name / split.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(split, encoding="utf-8") as f:
+            target.write_text("".join(line for _, line in zip(range(rows), f)), encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory, tiny_model_dir, mirror) -> Path:
+    """A complete tiny project as every stage before evaluation would leave it (tiny profile): real model,
+    SVD cache, data, an expert per rl.tasks, the classifier expert, a CEM result, a LoRA folder and the
+    base cells' samples. Tests copy it (`shutil.copytree`) and then break one thing."""
+    import json
+    import shutil
+
+    import torch
+    import yaml
+
+    from transformer2.cem import CEMResult
+    from transformer2.models import load_base
+    from transformer2.svd import decompose
+    from transformer2.svf import SVFConfig, find_targets, init_expert, apply_svf
+    from transformer2.svd import load_factors
+    from transformer2.tasks import export_tasks
+
+    root = tmp_path_factory.mktemp("project")
+    params = yaml.safe_load((ROOT / "profiles" / "tiny.yaml").read_text())
+    params["data"]["dir"] = str(_mini_mirror(mirror, root.parent / f"{root.name}-mirror"))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    art = root / "artifacts"
+    shutil.copytree(tiny_model_dir, art / "model")
+    model, _, info = load_base(art / "model")
+    names = find_targets(model, params["svf"]["targets"])
+    decompose(model, names, art / "svd", info.fingerprint)
+    export_tasks(params["data"]["tasks"], art / "data", Path(params["data"]["dir"]), params["data"]["max_rows"],
+                 params["data"]["fewshot_holdout"])
+    config = SVFConfig(targets=params["svf"]["targets"])
+    apply_svf(model, load_factors(art / "svd", info.fingerprint), config)
+    for task in params["rl"]["tasks"]:
+        init_expert(model, info.fingerprint, config, torch.Generator().manual_seed(1), {"task": task}).save(
+            art / "experts" / task)
+    init_expert(model, info.fingerprint, config, torch.Generator().manual_seed(2), {"task": "classifier"}).save(
+        art / "classifier")
+    for task in params["cem"]["tasks"]:
+        CEMResult(alpha=[1.0] * len(params["rl"]["tasks"]), keys=list(params["rl"]["tasks"]), accuracy=0.5,
+                  loglik=-1.0, task=task).save(art / "cem" / task)
+    for task in params["lora"]["tasks"]:
+        (art / "lora" / task).mkdir(parents=True)
+        (art / "lora" / task / "adapter_config.json").write_text(json.dumps({"r": 16}))
+        (art / "lora" / task / "provenance.json").write_text(json.dumps({"base_fingerprint": info.fingerprint}))
+    for task in {*params["eval"]["tasks"], *params["eval"]["adapt_tasks"]}:
+        (art / "eval" / f"base_{task}").mkdir(parents=True)
+        (art / "eval" / f"base_{task}" / "samples.jsonl").write_text("")
+    (root / "metrics").mkdir()
+    return root

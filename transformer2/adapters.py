@@ -107,15 +107,12 @@ class LoRAAdapter(NamedTensorsAdapter):
         yield
 
     def save(self, folder: str | Path, provenance: dict) -> None:
-        """PEFT's own format (PeftModel.from_pretrained, lm-eval's peft=), written to a temporary
-        folder and renamed, so a crash never leaves a half-saved adapter."""
+        """PEFT's own format (PeftModel.from_pretrained, lm-eval's peft=), written as one unit
+        (`files.atomic_dir`), so a crash never leaves a half-saved adapter."""
         import json
-        import shutil
 
-        folder = Path(folder)
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp)
-        (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+        from .files import atomic_dir
+
+        with atomic_dir(folder) as tmp:
+            self.model.save_pretrained(tmp)
+            (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")

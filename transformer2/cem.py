@@ -35,14 +35,14 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
 from .generation import left_padding
 from .loglik import continuation_logprobs
 from .errors import UserError
-from .files import atomic_save, atomic_write_text
+from .files import atomic_dir, atomic_write_text, load_torch_checkpoint
 from .settings import CEMConfig
 from .svf import Expert, mix_experts, preserved_svf_state, set_expert
 from .tasks import get_task, reference_answer, score_batch
@@ -148,8 +148,8 @@ def cem_search(evaluate: Callable[[torch.Tensor], Fitness], shape: Sequence[int]
     cem = CEM(shape, config)
     ckpt = Path(run_dir) / CHECKPOINT if run_dir is not None else None
     identity = run_fingerprint({**asdict(config), "shape": list(shape), "run_id": run_id})
-    if resume and ckpt is not None and ckpt.exists():
-        saved = torch.load(ckpt, weights_only=False)
+    saved = load_torch_checkpoint(ckpt) if resume and ckpt is not None and ckpt.exists() else None
+    if saved is not None:
         if saved.get("identity") == identity:
             cem.load_state(saved["cem"])
         else:
@@ -311,18 +311,31 @@ class CEMResult:
         expert.provenance.update(task=self.task, strategy="few_shot", cem_accuracy=self.accuracy)
         return expert
 
-    def save(self, path: str | Path) -> Path:
-        """Write JSON to `path` (a file, or a folder that gets cem.json and alpha.safetensors), atomically."""
+    def save(self, path: str | Path, *, timings: bool = True, extra: Optional[Mapping[str, Any]] = None) -> Path:
+        """Write JSON to `path` (a file, or a folder that gets cem.json, alpha.safetensors and the JSON files
+        of `extra`, as one unit), atomically."""
         from safetensors.torch import save_file
 
         path = Path(path)
-        if path.suffix != ".json":
-            path.mkdir(parents=True, exist_ok=True)
-            alpha = {"alpha": torch.tensor(self.alpha, dtype=torch.float32)}
-            atomic_save(path / ALPHA_WEIGHTS, lambda tmp: save_file(
-                alpha, str(tmp), metadata={"keys": json.dumps(self.keys), "task": self.task}))
-            path = path / CEM_RESULT
-        return atomic_write_text(path, json.dumps(asdict(self), indent=2) + "\n")
+        if path.suffix == ".json":
+            return atomic_write_text(path, json.dumps(self.to_dict(timings), indent=2) + "\n")
+        with atomic_dir(path) as tmp:  # α and cem.json as one unit
+            save_file({"alpha": torch.tensor(self.alpha, dtype=torch.float32)}, str(tmp / ALPHA_WEIGHTS),
+                      metadata={"keys": json.dumps(self.keys), "task": self.task})
+            (tmp / CEM_RESULT).write_text(json.dumps(self.to_dict(timings), indent=2) + "\n")
+            for name, data in (extra or {}).items():
+                (tmp / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        return path / CEM_RESULT
+
+    def to_dict(self, timings: bool = True) -> dict:
+        """timings=False leaves out what differs between identical searches (seconds, the generation a
+        resume started from), so a rerun that finds the same α writes the same bytes."""
+        data = asdict(self)
+        if not timings:
+            for key in ("seconds", "resumed_from"):
+                data.pop(key)
+            data["history"] = [{k: v for k, v in h.items() if k != "seconds"} for h in data["history"]]
+        return data
 
     @classmethod
     def load(cls, path: str | Path) -> "CEMResult":
@@ -331,7 +344,11 @@ class CEMResult:
             path = path / CEM_RESULT
         if not path.is_file():
             raise CEMError(f"{path} not found: run the few-shot CEM stage first")
-        return cls(**json.loads(path.read_text()))
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
+            raise CEMError(f"{path} is not a CEM result ({type(err).__name__}: {err}): rerun the few-shot CEM "
+                           "stage") from None
 
 
 def _run_id(experts: Sequence[Expert], keys: Sequence[str], task: str, shots: Sequence[dict], method: str,

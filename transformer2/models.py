@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 from .errors import UserError
-from .files import atomic_write_text
+from .files import atomic_dir, atomic_write_text
 
 Progress = Optional[Callable[[str], None]]
 
@@ -85,7 +85,12 @@ TINY_ARCHS = ("llama", "qwen2", "mistral", "gemma3")
 
 @dataclass
 class ModelInfo:
-    """What `model.json` records: the source asked for and the weights actually used."""
+    """What `model.json` records: the source asked for and the weights actually used.
+
+    `path` is relative to the folder of model.json when the checkpoint lies inside it (built-ins and
+    GGUF files), so a copied or `dvc pull`ed artifacts/ loads its own weights; `load` resolves it.
+    `files` records each checkpoint file's size, so a truncated or swapped checkpoint is caught on load;
+    `linear_modules` lets a stage check svf.targets before it loads the model."""
 
     name: str
     path: str  # checkpoint dir or hub id, loadable with from_pretrained
@@ -93,6 +98,8 @@ class ModelInfo:
     architecture: str
     num_parameters: int
     revision: Optional[str] = None
+    files: Optional[dict[str, int]] = None  # checkpoint file (relative to it) -> bytes
+    linear_modules: Optional[list[str]] = None  # every nn.Linear: svf.targets is checked against it without a model
 
     def save(self, out_dir: Path) -> None:
         atomic_write_text(Path(out_dir) / MODEL_INFO, json.dumps(asdict(self), indent=2) + "\n")
@@ -102,7 +109,25 @@ class ModelInfo:
         path = Path(out_dir) / MODEL_INFO
         if not path.is_file():
             raise ModelError(f"{path} not found: run the model stage first (`t2 model` or `dvc repro model`)")
-        return cls(**json.loads(path.read_text()))
+        try:
+            info = cls(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
+            raise ModelError(f"{path} is not a model record ({type(err).__name__}: {err}): rerun the model stage "
+                             "(`dvc repro -f model`)") from None
+        local = Path(out_dir) / info.path
+        if not Path(info.path).is_absolute() and (info.files is not None or local.is_dir()):
+            info.path = str(local)
+        return info
+
+    def check_files(self) -> None:
+        """Every recorded checkpoint file is there with its recorded size (a stat each: no reading)."""
+        for rel, size in (self.files or {}).items():
+            f = Path(self.path) / rel
+            got = f.stat().st_size if f.is_file() else None
+            if got != size:
+                state = "missing" if got is None else f"{got} bytes, {size} recorded"
+                raise ModelError(f"{f} is damaged or incomplete ({state}): rerun the model stage "
+                                 "(`dvc repro -f model`)")
 
 
 def cache_dir() -> Path:
@@ -228,20 +253,58 @@ def fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def _save_checkpoint(model, tokenizer, out: Path) -> None:
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        import shutil
-        shutil.rmtree(tmp)
+def _save_checkpoint(model, tokenizer, out: Path) -> dict[str, int]:
+    """save_pretrained of weights and tokenizer into `out`; returns each file's size."""
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:  # GGUF-loaded models refuse to serialise until this is dropped
         quantizer.remove_quantization_config(model)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        import shutil
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return {str(f.relative_to(out)): f.stat().st_size for f in sorted(out.rglob("*")) if f.is_file()}
+
+
+def linear_module_names(model) -> list[str]:
+    from torch import nn
+
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def check_builtin(name: str) -> None:
+    key = name.split(":", 1)[1]
+    if not key.startswith("tiny-random-") and key not in BUILTIN_GGUF or (
+            key.startswith("tiny-random-") and key.removeprefix("tiny-random-") not in TINY_ARCHS):
+        known = sorted(BUILTIN_GGUF) + [f"tiny-random-{a}" for a in TINY_ARCHS]
+        raise ModelError(f"unknown built-in model {name!r}; known: {', '.join('builtin:' + k for k in known)}")
+
+
+GGUF_MAGIC = b"GGUF"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_gguf(path: Path) -> None:
+    """A .gguf that is not one (a download error page, a renamed file) fails here with its name, not deep
+    inside the converter."""
+    if not path.is_file():
+        raise ModelError(f"GGUF file {path} not found")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != GGUF_MAGIC:
+        raise ModelError(f"{path} is not a GGUF file (it does not start with {GGUF_MAGIC!r}): download it again "
+                         "or point model.name at a checkpoint folder")
+
+
+def check_checkpoint_dir(path: Path) -> None:
+    """A local checkpoint folder needs a config.json and its tokenizer's files."""
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model.name {path}: no config.json there; a local model is a folder written by "
+                         "save_pretrained (weights, config.json, tokenizer)")
+    try:
+        json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelError(f"{path / 'config.json'} is not valid JSON ({err})") from None
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(f"model.name {path}: the folder has no tokenizer ({' / '.join(TOKENIZER_FILES)}); save "
+                         "the tokenizer there too (`tokenizer.save_pretrained(folder)`)")
 
 
 def _load_gguf(path: Path, progress: Progress):
@@ -250,44 +313,47 @@ def _load_gguf(path: Path, progress: Progress):
 
     if progress:
         progress(f"converting {path.name} to a float32 checkpoint")
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:  # the converter's errors name no file
+        raise ModelError(f"{path}: cannot convert this GGUF ({type(err).__name__}: {str(err)[:200]}); "
+                         "transformers converts llama/qwen2/mistral/gemma3 GGUFs") from None
     return model, tokenizer
 
 
 def prepare_model(name: str, out_dir: str | Path, *, revision: Optional[str] = None,
                   progress: Progress = None) -> ModelInfo:
-    """Resolve `name`, convert it to a checkpoint if it is a GGUF or built-in, record its fingerprint."""
+    """Resolve `name`, convert it to a checkpoint if it is a GGUF or built-in, record its fingerprint.
+
+    `out_dir` (checkpoint/ and model.json) is written as one unit: a kill leaves the old model or the
+    new one, never one architecture's weights under another's model.json."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = out_dir / "checkpoint"
     if name.startswith("builtin:"):
+        check_builtin(name)
         key = name.split(":", 1)[1]
         if key.startswith("tiny-random-"):
             model, tokenizer = build_tiny_random(key.removeprefix("tiny-random-"))
-        elif key in BUILTIN_GGUF:
-            model, tokenizer = _load_gguf(_fetch_gguf(BUILTIN_GGUF[key], progress), progress)
         else:
-            known = sorted(BUILTIN_GGUF) + [f"tiny-random-{a}" for a in TINY_ARCHS]
-            raise ModelError(f"unknown built-in model {name!r}; known: {', '.join('builtin:' + k for k in known)}")
-        _save_checkpoint(model, tokenizer, checkpoint)
-        path = str(checkpoint.resolve())
+            model, tokenizer = _load_gguf(_fetch_gguf(BUILTIN_GGUF[key], progress), progress)
+        path = "checkpoint"
     elif name.endswith(".gguf"):
         gguf = Path(name).expanduser()
-        if not gguf.is_file():
-            raise ModelError(f"GGUF file {gguf} not found")
+        check_gguf(gguf)
         model, tokenizer = _load_gguf(gguf.resolve(), progress)
-        _save_checkpoint(model, tokenizer, checkpoint)
-        path = str(checkpoint.resolve())
+        path = "checkpoint"
     else:
         local = Path(name).expanduser()
+        if local.is_dir():
+            check_checkpoint_dir(local)
         path = str(local.resolve()) if local.is_dir() else name
-        model, _ = load_model(path, revision=revision)
-    info = ModelInfo(name=name, path=path, fingerprint=fingerprint(model),
-                     architecture=type(model).__name__, num_parameters=sum(p.numel() for p in model.parameters()),
-                     revision=revision)
-    info.save(out_dir)
-    return info
+        model, tokenizer = load_model(path, revision=revision)
+    with atomic_dir(out_dir) as tmp:
+        files = _save_checkpoint(model, tokenizer, tmp / path) if path == "checkpoint" else None
+        ModelInfo(name=name, path=path, fingerprint=fingerprint(model), architecture=type(model).__name__,
+                  num_parameters=sum(p.numel() for p in model.parameters()), revision=revision, files=files,
+                  linear_modules=linear_module_names(model)).save(tmp)
+    return ModelInfo.load(out_dir)
 
 
 def resolve_device(device: str) -> str:
@@ -304,6 +370,7 @@ def load_model(path: str | Path, *, dtype: str = "float32", device: str = "cpu",
                revision: Optional[str] = None):
     """Load (model, tokenizer) in eval mode with a pad token set; `path` is a checkpoint dir or hub id."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
@@ -313,8 +380,11 @@ def load_model(path: str | Path, *, dtype: str = "float32", device: str = "cpu",
             tokenizer = AutoTokenizer.from_pretrained(str(path), revision=revision)
             model = AutoModelForCausalLM.from_pretrained(str(path), revision=revision, dtype=getattr(torch, dtype))
     except OSError as err:
-        raise ModelError(f"cannot load model {str(path)!r}: {err}. Offline (HF_HUB_OFFLINE=1) only local "
-                         "checkpoints and built-ins work.") from None
+        raise ModelError(f"cannot load model {str(path)!r}: {' '.join(str(err).split())}. Offline "
+                         "(HF_HUB_OFFLINE=1) only local checkpoints and built-ins work.") from None
+    except SafetensorError as err:
+        raise ModelError(f"cannot load model {str(path)!r}: its weights are damaged ({err}); rerun the model "
+                         "stage (`dvc repro -f model`)") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # batched generation continues from the right edge
@@ -325,6 +395,7 @@ def load_model(path: str | Path, *, dtype: str = "float32", device: str = "cpu",
 def load_base(model_dir: str | Path, *, dtype: str = "float32", device: str = "cpu"):
     """Load the base model the model stage prepared; returns (model, tokenizer, info)."""
     info = ModelInfo.load(model_dir)
+    info.check_files()
     model, tokenizer = load_model(info.path, dtype=dtype, device=device, revision=info.revision)
     return model, tokenizer, info
 

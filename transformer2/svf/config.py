@@ -51,19 +51,27 @@ class SVFConfig:
         return s
 
 
-def find_targets(model: nn.Module, targets: Union[str, Sequence[str]] = "mlp") -> list[str]:
-    """Names of the nn.Linear modules an SVF expert patches (never the LM head)."""
+def match_targets(linear_names: Sequence[str], targets: Union[str, Sequence[str]] = "mlp",
+                  model_name: str = "the model") -> list[str]:
+    """The names among `linear_names` (a model's nn.Linear modules) that `targets` selects, never the LM head;
+    works from names alone, so a stage can check svf.targets against an SVD index without a model."""
     patterns = SVFConfig(targets=targets if isinstance(targets, str) else list(targets)).patterns()
     try:
         compiled = [re.compile(p) for p in patterns]
     except re.error as err:
         raise ConfigError(f"svf.targets: invalid regular expression: {err}") from None
-    names = [name for name, mod in model.named_modules()
-             if isinstance(mod, nn.Linear) and not name.endswith("lm_head")
-             and any(c.fullmatch(name) for c in compiled)]
+    names = [name for name in linear_names
+             if not name.endswith("lm_head") and any(c.fullmatch(name) for c in compiled)]
     if not names:
-        raise ConfigError(f"svf.targets {targets!r} matches no linear layer of {type(model).__name__}")
+        raise ConfigError(f"svf.targets {targets!r} matches no linear layer of {model_name}; module names look "
+                          f"like {[n for n in linear_names if not n.endswith('lm_head')][:2]}")
     return names
+
+
+def find_targets(model: nn.Module, targets: Union[str, Sequence[str]] = "mlp") -> list[str]:
+    """Names of the nn.Linear modules an SVF expert patches (never the LM head)."""
+    return match_targets([name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)], targets,
+                         type(model).__name__)
 
 
 def count_svf_parameters(model: nn.Module, targets: Union[str, Sequence[str]] = "mlp") -> int:
@@ -72,4 +80,4 @@ def count_svf_parameters(model: nn.Module, targets: Union[str, Sequence[str]] = 
     return sum(min(modules[n].out_features, modules[n].in_features) for n in find_targets(model, targets))
 
 
-__all__ = ["SVFConfig", "TARGET_SETS", "find_targets", "count_svf_parameters"]
+__all__ = ["SVFConfig", "TARGET_SETS", "find_targets", "match_targets", "count_svf_parameters"]

@@ -6,6 +6,7 @@ parameterisation, provenance), so it cannot be applied to the wrong base by acci
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,13 +14,14 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, save_file
 from torch import nn
 
 from .config import SVFConfig
 from .layer import SVFLinear
 from ..errors import UserError
-from ..files import atomic_save, atomic_write_text
+from ..files import atomic_dir
 
 EXPERT_FORMAT = "transformer2.svf-expert/1"
 WEIGHTS_NAME = "expert.safetensors"
@@ -42,26 +44,60 @@ class Expert:
         return sum(v.numel() for v in self.vectors.values())
 
     def save(self, folder: str | Path) -> None:
-        """Written under temporary names and renamed: a crash never leaves a half-saved expert."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        """The folder is written as one unit (`files.atomic_dir`): a crash never leaves the vectors of one
+        run beside the metadata of another. expert.json records the weights' size and SHA256."""
         meta = {"format": EXPERT_FORMAT, "base_fingerprint": self.base_fingerprint,
                 "svf": self.config.to_dict(), "modules": {k: v.numel() for k, v in self.vectors.items()},
                 "num_parameters": self.num_parameters, "provenance": self.provenance}
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.vectors.items()}
-        atomic_save(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": EXPERT_FORMAT}))
-        atomic_write_text(folder / META_NAME, json.dumps(meta, indent=2) + "\n")
+        with atomic_dir(folder) as tmp:
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": EXPERT_FORMAT})
+            data = (tmp / WEIGHTS_NAME).read_bytes()
+            meta["weights"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
     def load(cls, folder: str | Path) -> "Expert":
-        folder = Path(folder)
-        if not (folder / WEIGHTS_NAME).is_file() or not (folder / META_NAME).is_file():
-            raise ExpertError(f"{folder} is not an SVF expert (needs {WEIGHTS_NAME} and {META_NAME})")
+        meta = read_expert_meta(folder)
+        path = Path(folder) / WEIGHTS_NAME
+        data = path.read_bytes()
+        recorded = meta.get("weights")  # older experts lack it
+        if recorded and (len(data) != recorded["bytes"] or hashlib.sha256(data).hexdigest() != recorded["sha256"]):
+            raise ExpertError(f"{path} does not match {META_NAME} ({len(data)} bytes, {recorded['bytes']} recorded): "
+                              "it is damaged or was replaced; retrain the expert")
+        try:
+            vectors = load(data)
+        except SafetensorError as err:
+            raise ExpertError(f"{path} is not a readable safetensors file ({err}): retrain the expert") from None
+        return cls(vectors=vectors, base_fingerprint=meta["base_fingerprint"], config=SVFConfig(**meta["svf"]),
+                   provenance=meta.get("provenance", {}))
+
+
+def read_expert_meta(folder: str | Path) -> dict:
+    """An expert's expert.json, checked enough to name what is wrong (no tensors read)."""
+    folder = Path(folder)
+    if not (folder / WEIGHTS_NAME).is_file() or not (folder / META_NAME).is_file():
+        raise ExpertError(f"{folder} is not an SVF expert (needs {WEIGHTS_NAME} and {META_NAME})")
+    try:
         meta = json.loads((folder / META_NAME).read_text())
-        if meta.get("format") != EXPERT_FORMAT:
-            raise ExpertError(f"{folder}: unknown expert format {meta.get('format')!r}")
-        return cls(vectors=load_file(str(folder / WEIGHTS_NAME)), base_fingerprint=meta["base_fingerprint"],
-                   config=SVFConfig(**meta["svf"]), provenance=meta.get("provenance", {}))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExpertError(f"{folder / META_NAME} is not valid JSON ({err}): retrain the expert") from None
+    if not isinstance(meta, dict) or meta.get("format") != EXPERT_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ExpertError(f"{folder / META_NAME}: unknown expert format {got!r}")
+    missing = [k for k in ("base_fingerprint", "svf") if k not in meta]
+    if missing:
+        raise ExpertError(f"{folder / META_NAME} lacks {missing}: retrain the expert")
+    return meta
+
+
+def check_same_base(experts: Mapping[str, "Expert"], base_fingerprint: str, where: str = "") -> None:
+    """Every path that applies or combines experts calls this: an expert trained on other base weights
+    would silently scale the wrong singular vectors."""
+    for name, expert in experts.items():
+        if expert.base_fingerprint != base_fingerprint:
+            raise ExpertError(f"expert {name}{where} was trained on base weights {expert.base_fingerprint[:12]}…, "
+                              f"not on this model ({base_fingerprint[:12]}…): retrain it on this base")
 
 
 def apply_svf(model: nn.Module, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],

@@ -17,8 +17,9 @@ from typing import Sequence
 from .base import (CATEGORIES, TASKS, Doc, HarnessMapping, HarnessTask, Source, Splits, Subset, Task, TaskError,
                    benchmark_names, code_scorer, build_messages, even_odd, get_task, official, question_text, reference_answer,
                    register, score_batch, shuffled)
-from .data import (DATA_ENV, FEWSHOT_SPLIT, DataError, data_dir, export_splits, hold_out_shots, load_source,
-                   load_split, prepare_splits, read_jsonl, shot_pool, write_jsonl)
+from .data import (DATA_ENV, FEWSHOT_SPLIT, DataError, check_docs, check_split, data_dir, export_splits, export_tasks,
+                   hold_out_shots, load_source, load_split, prepare_splits, prepare_tasks, read_jsonl, shot_pool,
+                   write_jsonl)
 from . import gsm8k, mbpp, arc, hendrycks_math, humaneval, classify  # noqa: E402,F401  (registers them)
 from .classify import CLASSIFY_TASK, build_classify_messages, parse_category
 
@@ -52,6 +53,6 @@ def load_task_modules(specs: Sequence[str]) -> None:
 __all__ = ["CATEGORIES", "CLASSIFY_TASK", "DATA_ENV", "FEWSHOT_SPLIT", "PAPER_TRAIN_TASKS", "PAPER_UNSEEN_TASKS",
            "TASKS", "DataError", "Doc", "HarnessMapping", "HarnessTask", "Source", "Splits", "Subset", "Task",
            "TaskError", "benchmark_names", "build_classify_messages", "code_scorer", "build_messages", "data_dir", "even_odd",
-           "export_splits", "get_task", "hold_out_shots", "load_source", "load_split", "load_task_modules",
+           "export_splits", "export_tasks", "check_docs", "check_split", "prepare_tasks", "get_task", "hold_out_shots", "load_source", "load_split", "load_task_modules",
            "official", "parse_category", "prepare_splits", "question_text", "read_jsonl", "reference_answer",
            "register", "score_batch", "shot_pool", "shuffled", "write_jsonl"]

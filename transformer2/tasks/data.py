@@ -39,9 +39,45 @@ def data_dir(configured: Optional[str] = None) -> Optional[Path]:
     return path
 
 
-def read_jsonl(path: Path) -> list[Doc]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(path: Path, fix: str = "rerun the data stage (`t2 data`)") -> list[Doc]:
+    """JSON Lines, one object per line; a bad line is a DataError naming the file and line (and `fix`)."""
+    docs = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                doc = json.loads(line)
+                if not isinstance(doc, dict):
+                    raise DataError(f"{path}:{n}: a row must be a JSON object, got {type(doc).__name__}; {fix}")
+                docs.append(doc)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{n}: not valid JSON ({err.msg}, column {err.colno}); {fix}") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason}); {fix}") from None
+    return docs
+
+
+def check_docs(name: str, docs: list[Doc], where: str, fix: str) -> None:
+    """Every doc has what the task reads (prompt, reference answer, options, tests): a missing column is
+    named here, before anything is trained, scored or overwritten, not deep inside a stage."""
+    task = get_task(name)
+    readers = [task.question, task.reference_answer]
+    if task.choices is not None:
+        readers.append(task.choices)
+    if task.checks is not None:
+        readers.append(lambda doc: task.checks(doc, ""))
+    for i, doc in enumerate(docs):
+        try:
+            for read in readers:
+                read(doc)
+            if task.subset_column is not None:
+                doc[task.subset_column]
+        except KeyError as err:
+            raise DataError(f"{where}: row {i + 1} has no column {err.args[0]!r} that {name} reads "
+                            f"(columns: {sorted(doc)[:8]}); {fix}") from None
+        except (TypeError, AttributeError, IndexError, ValueError) as err:
+            raise DataError(f"{where}: row {i + 1} is malformed for {name} ({type(err).__name__}: {err}); {fix}") from None
 
 
 def write_jsonl(path: Path, docs: list[Doc]) -> None:
@@ -75,7 +111,12 @@ def load_source(name: str, split: str, mirror: Optional[Path] = None) -> list[Do
         if not path.is_file():
             raise DataError(f"{path} not found: the mirror in {mirror} lacks {name}/{split}.jsonl "
                             f"(set {DATA_ENV} or data.dir to a mirror with the layout of shared/data)")
-        return read_jsonl(path)
+        fix = "fix the mirror (nothing was written)"
+        docs = read_jsonl(path, fix)
+        if not docs:
+            raise DataError(f"{path} has no rows; {fix}")
+        check_docs(name, docs, str(path), fix)
+        return docs
     if source.hub_path is None:
         raise DataError(f"{name} has no hub dataset: point {DATA_ENV} (or data.dir) at a mirror with {name}/")
     if task.subsets:  # the hub keeps one config per subset (MATH's subjects); the mirror one file
@@ -98,27 +139,51 @@ def hold_out_shots(splits: Splits, k: int, seed: int = FEWSHOT_SEED) -> Splits:
 def prepare_splits(name: str, mirror: Optional[Path] = None, max_rows: Optional[int] = None,
                    fewshot_holdout: int = 0) -> Splits:
     """The paper's train/validation/test splits of one task (each capped at `max_rows` if given),
-    plus a `fewshot` split held out of the test split when the task has no training split."""
+    plus a `fewshot` split held out of the test split when the task has no training split.
+    Every split must have rows: an empty one would train or evaluate on nothing."""
     task = get_task(name)
     if task.source is None:
         raise DataError(f"{name} is a pseudo-task with no data of its own")
     source = {split: load_source(name, split, mirror) for split in task.source.splits}
-    splits = hold_out_shots(task.make_splits(source), fewshot_holdout)
+    try:
+        splits = hold_out_shots(task.make_splits(source), fewshot_holdout)
+    except KeyError as err:
+        raise DataError(f"{name}: its source data lacks the column or split {err.args[0]!r} its splits are made "
+                        f"from ({'mirror ' + str(mirror) if mirror else 'the hub'})") from None
     if max_rows is not None:
         splits = {k: v[:max_rows] for k, v in splits.items()}
+    empty = sorted(k for k, v in splits.items() if not v)
+    if empty:
+        raise DataError(f"{name}: split {', '.join(empty)} would be empty ({'mirror ' + str(mirror) if mirror else 'hub'}); "
+                        "nothing was written")
     return splits
+
+
+def prepare_tasks(names: list[str], mirror: Optional[Path] = None, max_rows: Optional[int] = None,
+                  fewshot_holdout: int = 0) -> dict[str, Splits]:
+    """Every task's splits, all read and checked in memory (a cheap ~0.5 s for the six tasks)."""
+    return {name: prepare_splits(name, mirror, max_rows, fewshot_holdout) for name in names}
+
+
+def export_tasks(names: list[str], out_dir: str | Path, mirror: Optional[Path] = None,
+                 max_rows: Optional[int] = None, fewshot_holdout: int = 0) -> dict[str, dict[str, int]]:
+    """Write `<out_dir>/<task>/<split>.jsonl` for every task, only once every task's data has been read and
+    checked: a bad mirror (a missing column, an empty split, a corrupt line) overwrites nothing.
+    Returns the row counts."""
+    prepared = prepare_tasks(names, mirror, max_rows, fewshot_holdout)
+    for name, splits in prepared.items():
+        for old in (Path(out_dir) / name).glob("*.jsonl"):  # a split this config no longer has
+            if old.stem not in splits:
+                old.unlink()
+        for split, docs in splits.items():
+            write_jsonl(Path(out_dir) / name / f"{split}.jsonl", docs)
+    return {name: {split: len(docs) for split, docs in splits.items()} for name, splits in prepared.items()}
 
 
 def export_splits(name: str, out_dir: str | Path, mirror: Optional[Path] = None,
                   max_rows: Optional[int] = None, fewshot_holdout: int = 0) -> dict[str, int]:
-    """Write `<out_dir>/<name>/<split>.jsonl` for every split; returns the row counts."""
-    splits = prepare_splits(name, mirror, max_rows, fewshot_holdout)
-    for old in (Path(out_dir) / name).glob("*.jsonl"):  # a split this config no longer has
-        if old.stem not in splits:
-            old.unlink()
-    for split, docs in splits.items():
-        write_jsonl(Path(out_dir) / name / f"{split}.jsonl", docs)
-    return {split: len(docs) for split, docs in splits.items()}
+    """One task's `export_tasks`."""
+    return export_tasks([name], out_dir, mirror, max_rows, fewshot_holdout)[name]
 
 
 def load_split(data_root: str | Path, task: str, split: str) -> list[Doc]:
@@ -127,6 +192,16 @@ def load_split(data_root: str | Path, task: str, split: str) -> list[Doc]:
     if not path.is_file():
         raise DataError(f"{path} not found: run the data stage first (`t2 data`), with {task} in data.tasks")
     return read_jsonl(path)
+
+
+def check_split(data_root: str | Path, task: str, split: str) -> None:
+    """A split the data stage wrote can be read by `task` (rows, columns): what a stage checks up front."""
+    path = Path(data_root) / task / f"{split}.jsonl"
+    docs = load_split(data_root, task, split)
+    fix = "rerun the data stage (`t2 data`)"
+    if not docs:
+        raise DataError(f"{path} has no rows; {fix}")
+    check_docs(task, docs, str(path), fix)
 
 
 def shot_pool(data_root: str | Path, task: str) -> tuple[str, list[Doc]]:
