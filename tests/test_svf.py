@@ -165,3 +165,15 @@ def test_bad_targets_are_config_errors():
     with pytest.raises(ConfigError, match="invalid regular expression"):
         find_targets(model, ["("])
     assert "lm_head" not in " ".join(find_targets(model, [".*"]))
+
+
+def test_a_loaded_expert_keeps_its_module_order_and_mixes_with_another(tmp_path):
+    """safetensors hands tensors back in no fixed order; per-matrix α (CEM) indexes modules by position."""
+    names = [f"model.layers.{i}.mlp.{p}" for i in range(3) for p in ("gate_proj", "up_proj", "down_proj")]
+    experts = []
+    for k in range(2):
+        Expert({n: torch.full((4,), float(k + j)) for j, n in enumerate(names)}, "fp", SVFConfig()).save(tmp_path / str(k))
+        experts.append(Expert.load(tmp_path / str(k)))
+        assert list(experts[-1].vectors) == names
+    mixed = mix_experts(experts, torch.tensor([[1.0] * len(names), [0.0] * len(names)]))
+    assert [float(v[0]) for v in mixed.vectors.values()] == [float(j) for j in range(len(names))]

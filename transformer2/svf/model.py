@@ -66,9 +66,11 @@ class Expert:
             raise ExpertError(f"{path} does not match {META_NAME} ({len(data)} bytes, {recorded['bytes']} recorded): "
                               "it is damaged or was replaced; retrain the expert")
         try:
-            vectors = load(data)
+            loaded = load(data)
         except SafetensorError as err:
             raise ExpertError(f"{path} is not a readable safetensors file ({err}): retrain the expert") from None
+        order = [name for name in meta.get("modules", {}) if name in loaded]  # safetensors' own order is arbitrary
+        vectors = {name: loaded[name] for name in order + sorted(set(loaded) - set(order))}
         return cls(vectors=vectors, base_fingerprint=meta["base_fingerprint"], config=SVFConfig(**meta["svf"]),
                    provenance=meta.get("provenance", {}))
 
@@ -210,7 +212,7 @@ def mix_experts(experts: Sequence[Expert], alpha: torch.Tensor) -> Expert:
         raise ExpertError("mix_experts needs at least one expert")
     names = list(experts[0].vectors)
     for e in experts[1:]:
-        if (list(e.vectors) != names or e.base_fingerprint != experts[0].base_fingerprint
+        if (set(e.vectors) != set(names) or e.base_fingerprint != experts[0].base_fingerprint
                 or e.config != experts[0].config):
             raise ExpertError("experts to mix must share the base model, the target modules and the SVF config")
     alpha = torch.as_tensor(alpha, dtype=torch.float32)
