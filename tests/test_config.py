@@ -82,6 +82,10 @@ def test_two_pass_sections_and_cross_check():
         "arc_challenge").population == 32
     with pytest.raises(ConfigError, match=r"eval.adapt_tasks: \['math'\] have no few-shot CEM result"):
         parse_params({"cem": {"tasks": ["humaneval"]}, "eval": {"adapt_tasks": ["math", "humaneval"]}})
+    with pytest.raises(ConfigError, match=r"rl.tasks: \['mbpp'\] have no base cell to compare with; add them to eval.tasks"):
+        parse_params({"eval": {"tasks": ["gsm8k", "arc_easy", "math", "humaneval", "arc_challenge"]}})
+    with pytest.raises(ConfigError, match=r"eval.adapt_tasks: \['math'\] have no base cell"):
+        parse_params({"eval": {"tasks": ["gsm8k", "mbpp", "arc_easy", "humaneval", "arc_challenge"]}})
     for bad, key in (({"classifier": {"modes": ["decode"]}}, "classifier.modes.0"),
                      ({"cem": {"method": "fast"}}, "cem.method"),
                      ({"cem": {"overrides": {"math": {"shots": 0}}}}, "math.shots"),

@@ -128,7 +128,8 @@ def test_pipeline_flow_through_dvc_skips_up_to_date_stages(project):
 
 def test_pipeline_flow_without_dvc_trains_experts_in_parallel(tmp_path, mirror):
     params = parse_params({**TINY, "rl": {**TINY["rl"], "tasks": ["gsm8k", "arc_easy"]},
-                           "eval": {**TINY["eval"], "tasks": ["arc_easy"]}, "lora": {**TINY["lora"], "tasks": []},
+                           "eval": {**TINY["eval"], "tasks": ["gsm8k", "arc_easy", "arc_challenge"]},
+                           "lora": {**TINY["lora"], "tasks": []},
                            "data": {**TINY["data"], "tasks": ["gsm8k", "mbpp", "arc_easy", "arc_challenge"]}})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
     env = _env(mirror)

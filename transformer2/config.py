@@ -374,6 +374,11 @@ class Params(Section):
         missing = [t for t in self.eval.adapt_tasks if t not in self.cem.tasks]
         if missing:
             raise ValueError(f"eval.adapt_tasks: {missing} have no few-shot CEM result; add them to cem.tasks")
+        for name, tasks in (("rl.tasks", self.rl.tasks), ("lora.tasks", self.lora.tasks),
+                            ("eval.adapt_tasks", self.eval.adapt_tasks)):
+            unbased = [t for t in tasks if t not in self.eval.tasks]  # every adapted cell is paired with its base
+            if unbased:
+                raise ValueError(f"{name}: {unbased} have no base cell to compare with; add them to eval.tasks")
         leaked = sorted(set(self.classifier.sources) & set(self.eval.adapt_tasks))
         if leaked:
             raise ValueError(f"classifier.sources: {leaked} are unseen tasks (eval.adapt_tasks), not training data")
