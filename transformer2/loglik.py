@@ -1,10 +1,12 @@
 """Log-likelihood scoring of continuations without decoding: one kernel for every caller.
 
 Multiple-choice options (CEM on ARC), gold answers (CEM's tie-break), the four dispatch labels
-(loglik first pass) and lm-eval-style scoring all reduce to "Σ log p(continuation | prompt)".
-The kernel shares work: the token prefix common to every prompt (a system prompt) runs once
-per z group and its KV cache is reused; candidates of one prompt share its forward pass; the
-kept logits per batch are bounded (`max_logits_mb`). With `group_z`, row i runs with its own SVF
+(loglik first pass) and lm-eval's loglikelihood requests (the `transformer2` lm-eval model,
+on lm-eval's own token ids) all reduce to "Σ log p(continuation | prompt)": `token_logprobs`
+is that kernel, `continuation_logprobs` its entry point for texts. The kernel shares work: the
+token prefix common to every prompt (a system prompt) runs once per z group and its KV cache
+is reused; candidates of one prompt share its forward pass; the kept logits per batch are
+bounded (`max_logits_mb`). With `group_z`, row i runs with its own SVF
 vector (the per-sample factored path), so a whole CEM population is one batch.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .svf import RowZ, set_row_z
 class ContinuationScores(NamedTuple):
     logprob: list[list[float]]  # per prompt, per continuation: Σ log p(continuation tokens | prompt)
     tokens: list[list[int]]     # per prompt, per continuation: number of tokens scored
+    greedy: list[list[bool]]    # per prompt, per continuation: every token is the argmax (lm-eval's is_greedy)
 
 
 def _device(model) -> torch.device:
@@ -86,25 +89,25 @@ def _prefix_cache(model, ids: list[int], groups: list[int], group_z: Optional[Ro
 
 def _logit_batches(order: Sequence[int], keep: Sequence[int], batch_size: int, vocab: int,
                    max_logits_mb: float) -> list[list[int]]:
-    """Consecutive runs of `order`: at most `batch_size` rows, and at most `max_logits_mb` of
-    float32 logits for (rows × the longest kept span) — a single row always goes alone."""
+    """Consecutive runs of `order`: at most `batch_size` prompts, and at most `max_logits_mb` of
+    float32 logits for their Σ `keep` scored positions — a single prompt always goes alone."""
+    budget = max_logits_mb * 2 ** 20 / (vocab * 4)  # positions of float32 logits
     batches: list[list[int]] = []
     batch: list[int] = []
-    longest = 0
+    total = 0
     for i in order:
-        widest = max(longest, keep[i])
-        if batch and (len(batch) == batch_size or (len(batch) + 1) * widest * vocab * 4 > max_logits_mb * 2 ** 20):
+        if batch and (len(batch) == batch_size or total + keep[i] > budget):
             batches.append(batch)
-            batch, widest = [], keep[i]
+            batch, total = [], 0
         batch.append(i)
-        longest = widest
+        total += keep[i]
     return batches + [batch] if batch else batches
 
 
-def _logsumexp_rows(logits: torch.Tensor) -> torch.Tensor:
-    """logsumexp over the vocabulary (B, T), one row at a time in float32: never a second
-    (B, T, V) tensor beside the logits (a full log_softmax of long gold answers doubled the peak)."""
-    return torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])
+def _logsumexp_rows(logits: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """logsumexp over the vocabulary of (T, V) logits, `chunk` rows at a time in float32: never a
+    second (T, V) tensor beside the logits (a full log_softmax of long gold answers doubled the peak)."""
+    return torch.cat([torch.logsumexp(logits[a:a + chunk].float(), dim=-1) for a in range(0, len(logits), chunk)])
 
 
 @torch.no_grad()
@@ -113,24 +116,12 @@ def continuation_logprobs(model, tokenizer, prompts: Sequence[str],
                           group_z: Optional[RowZ] = None, row_group: Optional[Sequence[int]] = None,
                           share_prefix: bool = True, min_shared_tokens: int = 16,
                           max_logits_mb: float = 1024) -> ContinuationScores:
-    """Score each prompt's candidate continuations without decoding.
+    """Score each prompt's candidate continuations without decoding (texts: see `token_logprobs`).
 
     `continuations` is one list shared by every prompt, or one list per prompt (lengths may
-    differ). Prompt and continuation are tokenized separately and concatenated (as lm-eval).
-    - The token prefix shared by all prompts (a system prompt, the chat header) is run once
-      per z group and its KV cache reused by every row (when it has >= `min_shared_tokens`
-      tokens and the model's cache is a plain DynamicCache).
-    - Per batch of `batch_size` rows: one forward over the rest of the prompt + the candidates'
-      shared token prefix (logits kept only where needed); if some candidate has more than one
-      token left, one more forward of those tokens for every candidate through the KV cache.
-    A batch also stops growing before its kept logits (rows × kept positions × vocabulary, float32)
-    pass `max_logits_mb`: long teacher-forced answers (CEM's gold log-likelihood) stay bounded.
-    With `group_z` ({name: (G, r)}), row i runs with z = group_z[name][row_group[i]] (the
-    per-sample factored path of SVFLinear; `row_group` defaults to one group per row); without
-    it, with whatever weights the model has active.
+    differ). Prompt and continuation are tokenized separately, without special tokens, and
+    concatenated (as lm-eval).
     """
-    from transformers.cache_utils import DynamicCache
-
     if continuations and isinstance(continuations[0], str):
         per_prompt = [list(continuations)] * len(prompts)  # type: ignore[list-item]
     else:
@@ -140,12 +131,8 @@ def continuation_logprobs(model, tokenizer, prompts: Sequence[str],
     if any(not c for c in per_prompt):
         raise ValueError("every prompt needs at least one continuation")
     if not prompts:
-        return ContinuationScores([], [])
-    groups = (list(range(len(prompts))) if row_group is None else [int(g) for g in row_group]) \
-        if group_z is not None else [0] * len(prompts)
+        return ContinuationScores([], [], [])
     prompt_ids = _encode(tokenizer, prompts)
-    if any(not ids for ids in prompt_ids):
-        raise ValueError("empty prompt")
     cont_ids: dict[str, list[int]] = {}
     for cands in per_prompt:
         for text in cands:
@@ -153,10 +140,63 @@ def continuation_logprobs(model, tokenizer, prompts: Sequence[str],
                 cont_ids[text] = _encode(tokenizer, [text])[0]
                 if not cont_ids[text]:
                     raise ValueError(f"continuation {text!r} has no tokens")
-    device, pad = _device(model), _pad_id(tokenizer)
+    return token_logprobs(model, prompt_ids, [[cont_ids[c] for c in cands] for cands in per_prompt],
+                          pad_id=_pad_id(tokenizer), batch_size=batch_size, group_z=group_z, row_group=row_group,
+                          share_prefix=share_prefix, min_shared_tokens=min_shared_tokens,
+                          max_logits_mb=max_logits_mb)
+
+
+@torch.no_grad()
+def token_logprobs(model, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[Sequence[int]]], *,
+                   pad_id: int = 0, batch_size: int = 8, group_z: Optional[RowZ] = None,
+                   row_group: Optional[Sequence[int]] = None, share_prefix: bool = True,
+                   min_shared_tokens: int = 16, max_logits_mb: float = 1024,
+                   prefill_tokens: int = 2048) -> ContinuationScores:
+    """The kernel, on token ids: Σ log p(continuation | prompt) for each prompt's candidates,
+    and whether every continuation token is the argmax (lm-eval's is_greedy).
+
+    It runs on the decoding engine's KV buffer and attention (`decoding.kv`: rows packed without
+    padding, matmul attention over aligned key lengths), so a prompt's scores never depend on
+    the other prompts of a batch, nor a candidate's on the other candidates (a resumed lm-eval
+    run reproduces its cached answers bit for bit):
+    - the token prefix shared by all prompts (a system prompt, few-shot examples) runs once per
+      z group (when it has >= `min_shared_tokens` tokens and the model's cache is a plain
+      DynamicCache) and is copied into every row;
+    - per batch of <= `batch_size` prompts: one packed prefill of each prompt's own tokens but
+      its last, then one packed forward of every candidate (the last prompt token + the
+      candidate but its last token) into its prompt's slot, with logits for every position.
+    A batch also stops growing before those logits (candidate tokens × vocabulary, float32) pass
+    `max_logits_mb`: long teacher-forced answers (CEM's gold log-likelihood, lm-eval's rolling
+    windows) stay bounded. With `group_z` ({name: (G, r)}), row i runs with z =
+    group_z[name][row_group[i]] (the per-sample factored path of SVFLinear; `row_group` defaults
+    to one group per row); without it, with whatever weights the model has active.
+    """
+    from .decoding.engine import prefill
+    from .decoding.kv import KV_ALIGN, ROW_ALIGN, _KV, _forward, _round_up
+
+    prompt_ids = [[int(t) for t in p] for p in prompts]
+    per_prompt = [[[int(t) for t in c] for c in cands] for cands in continuations]
+    if len(per_prompt) != len(prompt_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(per_prompt)} continuation lists")
+    if any(not c for c in per_prompt):
+        raise ValueError("every prompt needs at least one continuation")
+    if any(not t for cands in per_prompt for t in cands):
+        raise ValueError("a continuation has no tokens")
+    if not prompt_ids:
+        return ContinuationScores([], [], [])
+    if any(not ids for ids in prompt_ids):
+        raise ValueError("empty prompt")
+    groups = (list(range(len(prompt_ids))) if row_group is None else [int(g) for g in row_group]) \
+        if group_z is not None else [0] * len(prompt_ids)
+    device = _device(model)
+
+    def use_z(rows: list) -> None:
+        if group_z is not None:
+            set_row_z(model, group_z, torch.tensor(rows))
 
     # the prompts' shared prefix, once per z group; every prompt keeps >= 1 token of its own
-    C = min(_common_prefix(prompt_ids), min(len(ids) for ids in prompt_ids) - 1) if share_prefix else 0
+    C = min(_common_prefix(prompt_ids), min(len(ids) for ids in prompt_ids) - 1) \
+        if share_prefix and len(prompt_ids) > 1 else 0
     prefix, slot = None, {}
     if C >= min_shared_tokens:
         used = sorted(set(groups))
@@ -165,72 +205,49 @@ def continuation_logprobs(model, tokenizer, prompts: Sequence[str],
     if prefix is None:
         C = 0
 
-    out_lp: list[list[float]] = [[] for _ in prompts]
-    out_n: list[list[int]] = [[] for _ in prompts]
-    # shared token prefix of each prompt's candidates; every candidate keeps >= 1 own token
-    shared: list[list[int]] = []
-    rest: list[list[list[int]]] = []
-    for cands in per_prompt:
-        toks = [cont_ids[c] for c in cands]
-        k = min(_common_prefix(toks), min(len(t) for t in toks) - 1)
-        shared.append(toks[0][:k])
-        rest.append([t[k:] for t in toks])
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))  # little padding per batch
-    for idx in _logit_batches(order, [len(p) + 1 for p in shared], batch_size,
-                              model.get_output_embeddings().weight.shape[0], max_logits_mb):
-        prefixes, suffixes = [shared[i] for i in idx], [rest[i] for i in idx]
-        ids, mask = left_padded([prompt_ids[i][C:] + pre for i, pre in zip(idx, prefixes)], pad, cached=C)
-        ids, mask = ids.to(device), mask.to(device)
-        pos = (mask.cumsum(-1) - 1).clamp_min(0)[:, C:]
-        keep = max(len(p) for p in prefixes) + 1
-        multi = any(len(s) > 1 for cands in suffixes for s in cands)
-        gidx = torch.tensor([groups[i] for i in idx])
-        if group_z is not None:
-            set_row_z(model, group_z, gidx)
-        cache = None
-        if prefix is not None:
-            sel = torch.tensor([slot[int(g)] for g in gidx], device=prefix[0][0].device)
-            cache = DynamicCache(ddp_cache_data=[(k.index_select(0, sel), v.index_select(0, sel)) for k, v in prefix])
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                    use_cache=multi or cache is not None, logits_to_keep=keep)
-        logits = out.logits[:, -keep:]  # position t predicts token t+1
-        lse = _logsumexp_rows(logits)
-        base = []
-        for b, pre in enumerate(prefixes):
-            lp = 0.0
-            for j, tok in enumerate(pre):  # pre[j] is predicted by kept position keep-1-len(pre)+j
-                t = keep - 1 - len(pre) + j
-                lp += float(logits[b, t, tok]) - float(lse[b, t])
-            base.append(lp)
-        # the last kept position predicts each candidate's first own token
-        scores = [[base[b] + float(logits[b, -1, s[0]]) - float(lse[b, -1]) for s in cands]
-                  for b, cands in enumerate(suffixes)]
-        if multi:  # the remaining tokens of every candidate, through the KV cache
-            flat = [(b, j, s) for b, cands in enumerate(suffixes) for j, s in enumerate(cands)]
-            S = max(len(s) for _, _, s in flat) - 1
-            ext = torch.full((len(flat), S), pad, dtype=torch.long)
-            for n, (_, _, s) in enumerate(flat):
-                if len(s) > 1:
-                    ext[n, :len(s) - 1] = torch.tensor(s[:-1])
-            rep = torch.tensor([b for b, _, _ in flat], device=device)
-            cache = out.past_key_values
-            cache.reorder_cache(rep)
-            ext_mask = torch.cat([mask[rep], torch.ones((len(flat), S), dtype=torch.long, device=device)], dim=1)
-            ext_pos = pos[rep, -1:] + 1 + torch.arange(S, device=device)
-            if group_z is not None:
-                set_row_z(model, group_z, gidx[rep.cpu()])
-            out2 = model(input_ids=ext.to(device), attention_mask=ext_mask, position_ids=ext_pos,
-                         past_key_values=cache, use_cache=True)
-            lse2 = _logsumexp_rows(out2.logits)
-            for n, (b, j, s) in enumerate(flat):
-                for t in range(1, len(s)):
-                    scores[b][j] += float(out2.logits[n, t - 1, s[t]]) - float(lse2[n, t - 1])
-            del out2
-        del out, cache
+    out_lp: list[list[float]] = [[] for _ in prompt_ids]
+    out_g: list[list[bool]] = [[] for _ in prompt_ids]
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))  # similar KV lengths per batch
+    scored = [sum(_round_up(len(c), ROW_ALIGN) for c in cands) for cands in per_prompt]
+    vocab = model.get_output_embeddings().weight.shape[0]
+    for idx in _logit_batches(order, scored, batch_size, vocab, max_logits_mb):
+        length = _round_up(max(len(prompt_ids[i]) + max(map(len, per_prompt[i])) for i in idx) + ROW_ALIGN, KV_ALIGN)
+        kv = _KV(len(idx), length, device)
+        if prefix is not None:  # the shared prefix's KV into every prompt's slot
+            src = torch.tensor([slot[groups[i]] for i in idx], device=device)
+            for layer, (K, V) in enumerate(prefix):
+                Kt, Vt = kv.buffers(layer, K, V)
+                Kt[:, :, :C], Vt[:, :, :C] = K[src], V[src]
+        prefill(model, kv, [(b, groups[i], prompt_ids[i][C:-1], C) for b, i in enumerate(idx)
+                            if len(prompt_ids[i]) - 1 > C], pad=pad_id, prefill_tokens=prefill_tokens, use_z=use_z)
+        # every candidate: one segment of its prompt's slot, from the last prompt token on; the
+        # segments of one slot overwrite each other's keys, each only after it has attended
+        ids, pos, rows, targets, segments, spans = [], [], [], [], [], []
         for b, i in enumerate(idx):
-            out_lp[i] = scores[b]
-            out_n[i] = [len(cont_ids[c]) for c in per_prompt[i]]
-    return ContinuationScores(out_lp, out_n)
+            start = len(prompt_ids[i]) - 1
+            for cand in per_prompt[i]:
+                n = _round_up(len(cand), ROW_ALIGN)
+                segments.append((b, start, len(ids), n))
+                spans.append((len(ids), len(cand)))
+                ids += [prompt_ids[i][-1]] + cand[:-1] + [pad_id] * (n - len(cand))
+                targets += cand + [0] * (n - len(cand))
+                pos += range(start, start + n)
+                rows += [groups[i]] * n
+        kv.set_prefill(segments)
+        use_z(rows)
+        logits = _forward(model, kv, torch.tensor(ids, device=device), torch.tensor(pos, device=device))
+        target = torch.tensor(targets, device=device)
+        lp = (logits.gather(-1, target[:, None])[:, 0].float() - _logsumexp_rows(logits)).tolist()
+        hit = (logits.argmax(-1) == target).tolist()
+        del logits, kv
+        k = 0
+        for i in idx:
+            for _ in per_prompt[i]:
+                off, n = spans[k]
+                out_lp[i].append(float(sum(lp[off:off + n])))
+                out_g[i].append(all(hit[off:off + n]))
+                k += 1
+    return ContinuationScores(out_lp, [[len(c) for c in cands] for cands in per_prompt], out_g)
 
 
 def continuation_logprobs_grad(model, tokenizer, prompts: Sequence[str], continuations: Sequence[str]):

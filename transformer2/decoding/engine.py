@@ -23,6 +23,39 @@ def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
     return k
 
 
+def prefill(model, kv: _KV, items: Sequence[tuple[int, int, Sequence[int], int]], *, pad: int,
+            prefill_tokens: int, use_z: Optional[Callable[[list], None]] = None, clock: Optional[dict] = None) -> None:
+    """Write prompts' KV into `kv`: items are (slot, row, tokens, first position). Prompts are cut
+    into pieces of <= PIECE tokens, each padded to a multiple of ROW_ALIGN, and packed into
+    forwards of about `prefill_tokens`; a prompt's pieces run in order. `use_z(rows)` sets the
+    per-token SVF z (one row id per input token); `clock` adds up seconds and tokens."""
+    device = next(model.parameters()).device
+    pieces = []
+    for slot, row, toks, start in items:
+        for a in range(0, len(toks), PIECE):
+            pieces.append((slot, row, list(toks[a:a + PIECE]), start + a))
+    while pieces:
+        batch, total = [], 0
+        while pieces and (not batch or total + len(pieces[0][2]) <= prefill_tokens):
+            batch.append(pieces.pop(0))
+            total += _round_up(len(batch[-1][2]), ROW_ALIGN)
+        ids, pos, rows, segments = [], [], [], []
+        for slot, row, toks, start in batch:
+            n = _round_up(len(toks), ROW_ALIGN)
+            segments.append((slot, start, len(ids), n))
+            ids += toks + [pad] * (n - len(toks))
+            pos += range(start, start + n)
+            rows += [row] * n
+        kv.set_prefill(segments)
+        if use_z is not None:
+            use_z(rows)
+        t = time.perf_counter()
+        _forward(model, kv, torch.tensor(ids, device=device), torch.tensor(pos, device=device), logits=False)
+        if clock is not None:
+            clock["prefill_s"] += time.perf_counter() - t
+            clock["prefill_tokens"] += sum(len(p[2]) for p in batch)
+
+
 class _Decoder:
     """The state of one `generate` call: KV slots, the rows in them, and the waiting prompts."""
 
@@ -68,32 +101,8 @@ class _Decoder:
                 self._z_rows = groups
 
     def _prefill(self, kv: _KV, items: list[tuple[int, int, list, int]]) -> None:
-        """Write prompts' KV: items are (slot, row, tokens, first position). Prompts are cut into
-        pieces of <= PIECE tokens, each padded to a multiple of ROW_ALIGN, and packed into
-        forwards of about `prefill_tokens`; a prompt's pieces run in order."""
-        pieces = []
-        for slot, row, toks, start in items:
-            for a in range(0, len(toks), PIECE):
-                pieces.append((slot, row, toks[a:a + PIECE], start + a))
-        while pieces:
-            batch, total = [], 0
-            while pieces and (not batch or total + len(pieces[0][2]) <= self.prefill_tokens):
-                batch.append(pieces.pop(0))
-                total += _round_up(len(batch[-1][2]), ROW_ALIGN)
-            ids, pos, rows, segments = [], [], [], []
-            for slot, row, toks, start in batch:
-                n = _round_up(len(toks), ROW_ALIGN)
-                segments.append((slot, start, len(ids), n))
-                ids += toks + [self.pad] * (n - len(toks))
-                pos += range(start, start + n)
-                rows += [row] * n
-            kv.set_prefill(segments)
-            self.use_z(rows)
-            t = time.perf_counter()
-            _forward(self.model, kv, torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device),
-                     logits=False)
-            self.clock["prefill_s"] += time.perf_counter() - t
-            self.clock["prefill_tokens"] += sum(len(p[2]) for p in batch)
+        prefill(self.model, kv, items, pad=self.pad, prefill_tokens=self.prefill_tokens, use_z=self.use_z,
+                clock=self.clock)
 
     def admit(self) -> None:
         """Move waiting prompts into free slots: shared prefix copied, the rest prefilled."""

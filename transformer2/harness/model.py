@@ -9,7 +9,9 @@ Model args (besides every HFLM arg: batch_size, device, dtype, peft, ...):
   "name:folder;name:folder");
 - `strategy`: a name in `strategies.STRATEGIES` (default `fixed`) or an AdaptationStrategy object;
 - `strategy_args`: keyword arguments for the strategy (a dict or a JSON object);
-- `engine`: `generate_until` through the project's decoding engine (default true; false: HFLM's).
+- `engine`: `generate_until` through the project's decoding engine and `loglikelihood` (also
+  rolling) through its continuation scorer `loglik.token_logprobs` (default true; false: HFLM's);
+- `max_logits_mb`: the scorer's bound on the float32 logits one batch keeps (default 1024).
 
 Transformer² adaptation is two passes. The first (`strategy.assign`) looks at each distinct
 prompt and picks a key; `strategy.expert(key)` gives the z to use (None = base weights). This
@@ -102,8 +104,10 @@ class Transformer2LM(HFLM):
 
     def __init__(self, pretrained: Any, svd: Optional[str] = None, expert: Optional[str] = None,
                  experts: Any = None, strategy: Any = "fixed", strategy_args: Any = None,
-                 base_fingerprint: Optional[str] = None, engine: Any = True, **kwargs: Any) -> None:
-        self.engine = str(engine).lower() not in ("false", "0", "no")  # generate_until via decoding.generate
+                 base_fingerprint: Optional[str] = None, engine: Any = True, max_logits_mb: Any = 1024,
+                 **kwargs: Any) -> None:
+        self.engine = str(engine).lower() not in ("false", "0", "no")  # decoding.generate, loglik.token_logprobs
+        self.max_logits_mb = float(max_logits_mb)
         fp = base_fingerprint
         if isinstance(pretrained, (str, Path)) and (Path(pretrained) / MODEL_INFO).is_file():
             info = ModelInfo.load(pretrained)  # a model-stage folder: its checkpoint and fingerprint
@@ -127,6 +131,10 @@ class Transformer2LM(HFLM):
             _check_experts(loaded, fp)  # before loading any weights
 
         super().__init__(pretrained=pretrained, **kwargs)
+        # Evaluation never trains. Frozen weights (as SVF patching leaves them) also keep results
+        # bit-identical with and without experts loaded: torch.matmul folds a batch into one mm (other
+        # rounding) only when the weight needs no grad, and the scorer's kept-logits slice hits that.
+        self._model.requires_grad_(False)
 
         self.stats = AdaptationStats()
         self.base_fingerprint: Optional[str] = fp
@@ -172,7 +180,8 @@ class Transformer2LM(HFLM):
     def run_with(self, expert: Optional[Expert], method: str, requests: list[Instance],
                  disable_tqdm: bool = False) -> list:
         """Answer `requests` with HFLM's `method` under one expert (also for strategies' own first pass);
-        generation goes through the project's decoding engine unless `engine=false` was given."""
+        generation goes through the project's decoding engine and scoring through `loglik.token_logprobs`
+        (HFLM's `loglikelihood` tokenizes, then calls `_loglikelihood_tokens`) unless `engine=false` was given."""
         self._set(expert)
         if method == "generate_until" and self.engine:
             return self._engine_generate_until(requests)
@@ -212,6 +221,42 @@ class Transformer2LM(HFLM):
                 text = postprocess_generated_text(generation=self.tok_decode(toks), stop=until, think_end_token=think)
                 out[i] = text
                 self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        return out
+
+    def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False,
+                              override_bs: Optional[int] = None) -> list[tuple[float, bool]]:
+        """HFLM's scoring of lm-eval's tokenized (request, context ids, continuation ids) through
+        `loglik.token_logprobs`: the same left truncation to max_length + 1 tokens, but each distinct
+        context runs once for all its continuations, the contexts' common prefix (few-shot examples)
+        once for all, and `batch_size` counts contexts within the `max_logits_mb` bound."""
+        if not self.engine or self.backend != "causal":
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        from ..loglik import token_logprobs
+
+        slot: dict[tuple, int] = {}
+        conts: list[list[list[int]]] = []
+        where: list[tuple[int, int]] = []  # request -> (context slot, continuation slot)
+        for _, context, continuation in requests:
+            if not continuation or len(continuation) > self.max_length:
+                raise HarnessError(f"a continuation of {len(continuation)} tokens: lm-eval scores 1..max_length "
+                                   f"({self.max_length}) tokens")
+            window = (list(context) + list(continuation))[-(self.max_length + 1):]
+            key = tuple(window[:len(window) - len(continuation)])
+            if key not in slot:
+                slot[key] = len(conts)
+                conts.append([])
+            where.append((slot[key], len(conts[slot[key]])))
+            conts[slot[key]].append(list(continuation))
+        size = override_bs or (self.batch_size if isinstance(self.batch_size, int) else self.max_batch_size or 64)
+        pad = self.tokenizer.pad_token_id
+        scores = token_logprobs(self._model, [list(k) for k in slot], conts, batch_size=int(size),
+                                pad_id=self.eot_token_id if pad is None else pad, max_logits_mb=self.max_logits_mb)
+        out = []
+        for (request, _, _), (p, c) in zip(requests, where):
+            answer = (scores.logprob[p][c], scores.greedy[p][c])
+            out.append(answer)
+            if request is not None:  # loglikelihood_rolling's windows have none: it adds its own
+                self.cache_hook.add_partial("loglikelihood", request, answer)
         return out
 
     # -- two passes
