@@ -14,7 +14,9 @@ prompts, default token budget), and at batch < 4 also without the row padding th
 invariance costs; HF `generate` at the same batches; a real workload (every prompt, stopping
 at EOS: completion tokens/s of the engine vs HF `generate` in batches, as `generate_texts`
 ran it); log-likelihood scoring (`dispatch.continuation_logprobs`, gold answers after each
-prompt) in forward tokens/s.
+prompt) in forward tokens/s, and lm-eval `loglikelihood` on --arc-docs ARC-Easy docs (their
+choices) through the `transformer2` model (`loglik.token_logprobs`) vs plain HFLM at its best
+of --hflm-batches, with the largest difference in log-probability and is_greedy between them.
 Prints a table and writes benchmarks/results/generation.json.
 """
 from __future__ import annotations
@@ -92,11 +94,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--hf-batch", type=int, default=32, help="HF batch size in the stop-at-EOS run")
     ap.add_argument("--skip-hf-above", type=int, default=64, help="largest batch HF generate is timed at")
+    ap.add_argument("--arc-docs", type=int, default=64, help="ARC-Easy docs for lm-eval loglikelihood (0: skip)")
+    ap.add_argument("--hflm-batches", default="8,16,32", help="batch sizes tried for plain HFLM's loglikelihood")
     ap.add_argument("--quick", action="store_true", help="batches 1,8, 8 new tokens, 8 prompts: a smoke run")
     ap.add_argument("--out", default="benchmarks/results/generation.json")
     args = ap.parse_args()
     if args.quick:
         args.batches, args.max_new_tokens, args.own_prompts, args.score_prompts, args.hf_batch = "1,8", 8, 8, 8, 8
+        args.arc_docs, args.hflm_batches = 8, "8"
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     N = args.max_new_tokens
@@ -187,6 +192,9 @@ def main() -> None:
     score_s = time.perf_counter() - t
     score_tokens = sum(len(tokenizer(p + a, add_special_tokens=False)["input_ids"]) for p, a in zip(sp, answers))
     roof.append(roofline(args.threads))
+    harness_ll = lm_eval_loglik(args.model_dir, args.data, args.arc_docs,
+                                [int(b) for b in args.hflm_batches.split(",")]) if args.arc_docs else None
+    roof.append(roofline(args.threads))
 
     gflops = max(roof)
     roof_tok = gflops * 1e9 / (2 * params)
@@ -216,6 +224,7 @@ def main() -> None:
         "loglik": {"prompts": len(sp), "forward_tokens": score_tokens, "seconds": round(score_s, 2),
                    "tokens_per_s": round(score_tokens / score_s, 1),
                    "share_of_roofline": round(score_tokens / score_s / roof_tok, 4)},
+        "lm_eval_loglikelihood": harness_ll,
         "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "busy_processes": _busy(),
     }
@@ -237,7 +246,60 @@ def main() -> None:
     print(f"stop at EOS ({args.own_prompts} prompts, completion tokens/s): engine {eos['engine']['tokens_per_s']:.1f}, "
           f"HF generate in batches of {args.hf_batch} {eos['hf_generate']['tokens_per_s']:.1f} "
           f"({eos['engine_over_hf']}x)")
+    if harness_ll:
+        h = harness_ll
+        print(f"lm-eval loglikelihood, {h['requests']} requests of {h['docs']} ARC-Easy docs: transformer2 "
+              f"{h['transformer2_s']} s, HFLM {h['hflm_best_s']} s at batch {h['hflm_best_batch']} "
+              f"({h['transformer2_over_hflm']}x); max |Δ logprob| {h['max_abs_diff']:.2e}, "
+              f"is_greedy differs {h['greedy_differs']}")
     print("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
+
+
+def lm_eval_loglik(model_dir: str, data: str, n_docs: int, hflm_batches: list[int]) -> dict | None:
+    """lm-eval's ARC-Easy loglikelihood requests (n_docs docs, every choice) timed through the
+    `transformer2` model and through plain HFLM (same checkpoint) at each of `hflm_batches`."""
+    import tempfile
+
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from transformer2.harness import Transformer2LM, task_config_dir
+    from transformer2.models import ModelInfo
+
+    root = next((Path(r) for r in (data, os.environ.get("T2_DATA_DIR"),
+                                   Path(__file__).resolve().parents[2] / "shared" / "data")
+                 if r and (Path(r) / "arc_easy").is_dir()), None)
+    if root is None:
+        print("  lm-eval loglikelihood: no ARC-Easy data found, skipped")
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        manager = TaskManager(include_path=str(task_config_dir(root, Path(tmp))), include_defaults=False)
+        task = get_task_dict(["arc_easy"], manager)["arc_easy"]
+        task.build_all_requests(limit=n_docs, rank=0, world_size=1)
+        requests = [inst for inst in task.instances if inst.request_type == "loglikelihood"]
+    checkpoint = ModelInfo.load(model_dir).path if (Path(model_dir) / "model.json").is_file() else model_dir
+    lm = Transformer2LM(pretrained=model_dir, device="cpu", batch_size=16)
+    lm.loglikelihood(requests[:8])  # warm-up
+    t = time.perf_counter()
+    ours = lm.loglikelihood(requests)
+    ours_s = time.perf_counter() - t
+    del lm
+    plain = HFLM(pretrained=checkpoint, device="cpu", batch_size=hflm_batches[0])
+    plain.loglikelihood(requests[:8])
+    timings = {}
+    for b in hflm_batches:
+        plain.batch_size_per_gpu = b
+        t = time.perf_counter()
+        theirs = plain.loglikelihood(requests)
+        timings[b] = round(time.perf_counter() - t, 2)
+        print(f"  lm-eval loglikelihood, HFLM batch {b}: {timings[b]} s", flush=True)
+    best = min(timings, key=timings.get)
+    print(f"  lm-eval loglikelihood, transformer2: {ours_s:.2f} s", flush=True)
+    return {"docs": n_docs, "requests": len(requests), "transformer2_s": round(ours_s, 2),
+            "hflm_s_by_batch": timings, "hflm_best_batch": best, "hflm_best_s": timings[best],
+            "transformer2_over_hflm": round(timings[best] / ours_s, 3),
+            "max_abs_diff": max(abs(a[0] - b[0]) for a, b in zip(ours, theirs)),
+            "greedy_differs": sum(a[1] != b[1] for a, b in zip(ours, theirs))}
 
 
 def _as_list(x) -> list:
