@@ -153,6 +153,8 @@ class StageRun:
     run_id: str
     unit: str
     settings_hash: str
+    overhead_s: Optional[float] = None  # process start (or the previous unit's end) -> this unit's own work
+    last_end = None  # (class attribute, not a field) time.monotonic() when this process's previous unit ended
 
     def provenance(self) -> dict:
         """What a metrics file records about the run that wrote it."""
@@ -163,8 +165,14 @@ class StageRun:
 def stage_run(params: Params, stage: str, item: Optional[str] = None, *, kind: Optional[str] = None,
               method: Optional[str] = None, settings: Optional[dict] = None, **tags: str) -> Iterator[StageRun]:
     """The MLflow run of one unit of dvc.yaml (`stage`, `item`): its stage settings as params, the shared tags,
-    nested under the pipeline's run when there is one."""
+    nested under the pipeline's run when there is one. The unit's own work starts when this yields:
+    `overhead_s` is the process's age then (in a process that runs several units, `t2 pipeline
+    --no-dvc`, the time since the previous unit ended)."""
+    import time
+
     import mlflow
+
+    from transformer2.runtime import process_age_s
 
     settings = stage_settings(params, stage, item) if settings is None else settings
     unit = stage + (f"@{item}" if item is not None else "")
@@ -175,7 +183,14 @@ def stage_run(params: Params, stage: str, item: Optional[str] = None, *, kind: O
     with mlflow.start_run(run_name=unit, experiment_id=experiment_id, tags=run_tags_,
                           parent_run_id=_parent_run_id(params, experiment_id)) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in _flatten(settings).items()})
-        yield StageRun(run.info.run_id, unit, run_tags_["stage_params_hash"])
+        age = process_age_s()
+        if age is not None and StageRun.last_end is not None:
+            age = min(age, time.monotonic() - StageRun.last_end)
+        try:
+            yield StageRun(run.info.run_id, unit, run_tags_["stage_params_hash"],
+                           None if age is None else round(age, 2))
+        finally:
+            StageRun.last_end = time.monotonic()
 
 
 # ---------------------------------------------------------------- artifacts: identity and lineage
@@ -231,9 +246,10 @@ def record_metrics(path: str | Path, metrics: dict, stage: StageRun, logged: Opt
     and log its numbers (or `logged`) to MLflow."""
     import mlflow
 
-    metrics = {**metrics, **stage.provenance()}
+    overhead = {} if stage.overhead_s is None else {"overhead_s": stage.overhead_s}
+    metrics = {**metrics, **overhead, **stage.provenance()}
     write_json(path, metrics)
-    mlflow.log_metrics(_numeric(metrics) if logged is None else logged)
+    mlflow.log_metrics(_numeric(metrics) if logged is None else {**logged, **overhead})
     mlflow.log_artifact(str(path))
     return metrics
 

@@ -1,6 +1,7 @@
-"""Small process-level helpers shared by the stages: timing, peak memory."""
+"""Small process-level helpers shared by the stages: timing, peak memory, process age."""
 from __future__ import annotations
 
+import os
 import resource
 import time
 from contextlib import contextmanager
@@ -10,6 +11,19 @@ from typing import Iterator
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc, 10 ms resolution), None elsewhere: a stage's
+    start-up overhead (interpreter, imports, Prefect, MLflow) is the age at which its own work begins."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime since boot
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def peak_cuda_mb() -> float | None:

@@ -1,0 +1,34 @@
+"""Per-stage overhead: `overhead_s` (process start, or the previous unit's end, to the unit's own
+work) in every metrics file written through `record_metrics`."""
+import json
+import subprocess
+import sys
+import time
+
+from tasks.tracking import StageRun, record_metrics, stage_run
+from transformer2.config import parse_params
+from transformer2.runtime import process_age_s
+
+
+def test_process_age_counts_from_the_process_start():
+    code = "import time; time.sleep(0.5); from transformer2.runtime import process_age_s; print(process_age_s())"
+    t = time.monotonic()
+    age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 0.5 <= age <= time.monotonic() - t + 0.05  # 10 ms clock ticks
+
+
+def test_metrics_files_record_overhead(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_PARENT_RUN_ID", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.setattr(StageRun, "last_end", None)
+    params = parse_params({"tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "overhead"}})
+    with stage_run(params, "model") as first:
+        written = record_metrics(tmp_path / "model.json", {"seconds": 1.0}, first)
+    assert 0 < first.overhead_s <= process_age_s()
+    assert json.loads((tmp_path / "model.json").read_text())["overhead_s"] == first.overhead_s == written["overhead_s"]
+    time.sleep(0.2)
+    with stage_run(params, "data") as second:  # the same process: counted from the first unit's end
+        record_metrics(tmp_path / "data.json", {"seconds": 1.0}, second, logged={"seconds": 1.0})
+    assert 0.2 <= second.overhead_s < first.overhead_s + 30
+    assert second.overhead_s < process_age_s() - first.overhead_s
