@@ -141,11 +141,11 @@ def _check_before_start(args: argparse.Namespace, params) -> None:
 
         if args.task not in benchmark_names():
             raise UserError(f"unknown --task {args.task!r}; known: {', '.join(benchmark_names())}")
-    check_inputs(args.command, params, getattr(args, "task", None), getattr(args, "kind", None))
-    if args.command in TRACKED:
+    if args.command in TRACKED:  # bounded (3 s), and the stage would fail on it after its work
         from tasks.tracking import check_tracking_uri
 
         check_tracking_uri(params.tracking.uri)
+    check_inputs(args.command, params, getattr(args, "task", None), getattr(args, "kind", None))
 
 
 def main(argv: list[str] | None = None) -> int:

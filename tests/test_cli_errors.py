@@ -2,6 +2,7 @@
 to run, in seconds, before Prefect or a model starts (issue 14, item 6)."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from .conftest import ROOT
 TINY = yaml.safe_load((ROOT / "profiles" / "tiny.yaml").read_text())
 
 
-def t2(cwd: Path, *args: str, timeout: int = 60) -> tuple[subprocess.CompletedProcess, float]:
+def t2(cwd: Path, *args: str, timeout: int = 180) -> tuple[subprocess.CompletedProcess, float]:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "PREFECT_HOME": str(cwd / ".prefect")}
     start = time.perf_counter()
@@ -32,22 +33,21 @@ def one_error(proc: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture
-def project(tmp_path):
-    """A tiny project whose model, SVD and data stages have (seemingly) run, and nothing after them."""
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
-    checkpoint = tmp_path / "artifacts/model/checkpoint"
-    checkpoint.mkdir(parents=True)
-    (checkpoint / "config.json").write_text("{}")
-    (tmp_path / "artifacts/model/model.json").write_text(json.dumps({"path": "artifacts/model/checkpoint",
-                                                                     "fingerprint": "0" * 64}))
-    (tmp_path / "artifacts/svd").mkdir(parents=True)
-    (tmp_path / "artifacts/svd/index.json").write_text("{}")
-    for task in TINY["data"]["tasks"]:
-        (tmp_path / "artifacts/data" / task).mkdir(parents=True)
-    return tmp_path
+def project(tiny_project, tmp_path):
+    """A tiny project whose model, SVD and data stages have run, and nothing after them."""
+    root = tmp_path / "p"
+    shutil.copytree(tiny_project, root, ignore=shutil.ignore_patterns("experts", "classifier", "cem", "lora", "eval"))
+    return root
+
+
+def set_model_path(project: Path, path: str) -> None:
+    record = project / "artifacts/model/model.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "path": path}))
 
 
 def test_missing_expert_names_the_file_and_its_stage(project):
+    (project / "artifacts/eval/base_gsm8k").mkdir(parents=True)
+    (project / "artifacts/eval/base_gsm8k/samples.jsonl").write_text("")
     proc, seconds = t2(project, "eval", "--kind", "svf", "--task", "gsm8k")
     assert one_error(proc) == ("artifacts/experts/gsm8k/expert.json not found: run stage expert@gsm8k first "
                                "(`dvc repro expert@gsm8k`)")
@@ -73,11 +73,11 @@ def test_bad_model_paths(project):
     (project / "bad.yaml").write_text(yaml.safe_dump({**TINY, "model": {**TINY["model"], "name": "/no/such/model"}}))
     proc, _ = t2(project, "model", "--params", "bad.yaml")
     assert one_error(proc).startswith("model.name /no/such/model: no such file or directory")
-    (project / "artifacts/model/model.json").write_text(json.dumps({"path": "/elsewhere/checkpoint"}))
+    set_model_path(project, "/elsewhere/checkpoint")
     proc, _ = t2(project, "decompose")
     assert one_error(proc).startswith("artifacts/model/model.json points at /elsewhere/checkpoint, which does not "
                                       "exist here")
-    (project / "artifacts/model/model.json").write_text(json.dumps({"path": str(project / "artifacts/svd")}))
+    set_model_path(project, str(project / "artifacts/svd"))
     proc, _ = t2(project, "decompose")
     assert "holds no model (no config.json)" in one_error(proc)
 
@@ -97,7 +97,7 @@ def test_an_error_inside_a_flow_is_one_line_without_prefects_traceback(project):
     """What cannot be checked up front (here a corrupt metrics file the report reads) still ends in one
     line; the traceback goes to a log file, and --debug would show it."""
     (project / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
-    (project / "metrics").mkdir()
+    (project / "metrics").mkdir(exist_ok=True)
     (project / "metrics/eval_base_gsm8k.json").write_text("{not json")
     proc, _ = t2(project, "report", timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr

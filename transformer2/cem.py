@@ -42,7 +42,7 @@ import torch
 from .generation import left_padding
 from .loglik import continuation_logprobs
 from .errors import UserError
-from .files import atomic_dir, atomic_write_text, load_torch_checkpoint
+from .files import atomic_dir, atomic_write_text, load_torch_checkpoint, safetensors_bytes
 from .settings import CEMConfig
 from .svf import Expert, mix_experts, preserved_svf_state, set_expert
 from .tasks import get_task, reference_answer, score_batch
@@ -314,14 +314,12 @@ class CEMResult:
     def save(self, path: str | Path, *, timings: bool = True, extra: Optional[Mapping[str, Any]] = None) -> Path:
         """Write JSON to `path` (a file, or a folder that gets cem.json, alpha.safetensors and the JSON files
         of `extra`, as one unit), atomically."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         if path.suffix == ".json":
             return atomic_write_text(path, json.dumps(self.to_dict(timings), indent=2) + "\n")
         with atomic_dir(path) as tmp:  # α and cem.json as one unit
-            save_file({"alpha": torch.tensor(self.alpha, dtype=torch.float32)}, str(tmp / ALPHA_WEIGHTS),
-                      metadata={"keys": json.dumps(self.keys), "task": self.task})
+            (tmp / ALPHA_WEIGHTS).write_bytes(safetensors_bytes({"alpha": torch.tensor(self.alpha, dtype=torch.float32)},
+                                                                {"keys": json.dumps(self.keys), "task": self.task}))
             (tmp / CEM_RESULT).write_text(json.dumps(self.to_dict(timings), indent=2) + "\n")
             for name, data in (extra or {}).items():
                 (tmp / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -147,3 +147,16 @@ def load_torch_checkpoint(path: str | Path) -> Optional[dict]:
         print(f"note: {path} is not a checkpoint; starting afresh")
         return None
     return data
+
+
+def safetensors_bytes(tensors: dict, metadata: Optional[dict[str, str]] = None) -> bytes:
+    """safetensors.torch.save with its JSON header in sorted key order: the library keeps metadata in a hash
+    map whose order changes from call to call, so the same tensors and metadata would not give the same bytes
+    (and the same result would look changed to DVC and to a determinism check)."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format pads the header to 8 bytes
+    return len(header).to_bytes(8, "little") + header + data[8 + n:]

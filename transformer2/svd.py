@@ -19,10 +19,10 @@ from typing import Callable, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load, save_file
+from safetensors.torch import load
 from torch import nn
 from .errors import UserError
-from .files import atomic_save, atomic_write_text
+from .files import atomic_write_bytes, atomic_write_text, safetensors_bytes
 
 FORMAT = "transformer2.svd/1"
 Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -104,7 +104,7 @@ def decompose(model: nn.Module, module_names: list[str], cache: str | Path, fing
             errors[name] = float(torch.linalg.norm((U * S) @ Vh - w) / torch.linalg.norm(w).clamp_min(1e-30))
             meta = {"format": FORMAT, "fingerprint": fingerprint, "module": name,
                     "shape": json.dumps(shapes[name]), "rel_error": repr(errors[name])}
-            atomic_save(path, lambda tmp: save_file({"U": U, "S": S, "Vh": Vh}, str(tmp), metadata=meta))
+            atomic_write_bytes(path, safetensors_bytes({"U": U, "S": S, "Vh": Vh}, meta))
         if progress:
             progress(i + 1, len(module_names), name)
     for stale in (cache / "factors").glob("*.safetensors"):  # left by an earlier target set

@@ -15,13 +15,13 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load, save_file
+from safetensors.torch import load
 from torch import nn
 
 from .config import SVFConfig
 from .layer import SVFLinear
 from ..errors import UserError
-from ..files import atomic_dir
+from ..files import atomic_dir, safetensors_bytes
 
 EXPERT_FORMAT = "transformer2.svf-expert/1"
 WEIGHTS_NAME = "expert.safetensors"
@@ -50,9 +50,9 @@ class Expert:
                 "svf": self.config.to_dict(), "modules": {k: v.numel() for k, v in self.vectors.items()},
                 "num_parameters": self.num_parameters, "provenance": self.provenance}
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.vectors.items()}
+        data = safetensors_bytes(tensors, {"format": EXPERT_FORMAT})
         with atomic_dir(folder) as tmp:
-            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": EXPERT_FORMAT})
-            data = (tmp / WEIGHTS_NAME).read_bytes()
+            (tmp / WEIGHTS_NAME).write_bytes(data)
             meta["weights"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
             (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
 

@@ -1,0 +1,120 @@
+"""Library runs on the tiny profile, one per process, for the kill-and-resume and determinism tests
+(tests/test_atomic_resume.py): `python -m tests.resume_worker <job> <project> <out>`.
+
+Each job prints `progress <i>` (flushed) after every unit of work it has checkpointed, so a test can
+SIGKILL it at a random point, and writes its results under <out> only at the end.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+torch.set_num_threads(1)
+
+TIMING = ("tokens_per_s", "rollout_tokens_per_s")  # and every key starting with "seconds"
+
+
+def without_timings(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("seconds") and k not in TIMING} for r in records]
+
+
+def tick(i: int, delay: float) -> None:
+    print(f"progress {i}", flush=True)
+    time.sleep(delay)
+
+
+def job_decompose(project: Path, out: Path, delay: float) -> None:
+    from transformer2.models import load_base
+    from transformer2.svd import decompose
+    from transformer2.svf import find_targets
+
+    model, _, info = load_base(project / "artifacts/model")
+    decompose(model, find_targets(model, "all"), out / "svd", info.fingerprint,
+              progress=lambda i, n, name: tick(i, delay))
+
+
+def _params(project: Path):
+    from transformer2.config import load_params
+
+    return load_params(project / "params.yaml")
+
+
+def job_expert(project: Path, out: Path, delay: float) -> None:
+    """REINFORCE for 4 steps, a checkpoint after each, resuming from out/run when there is one."""
+    from transformer2.models import load_patched
+    from transformer2.rl import train_svf_expert
+    from transformer2.svf import init_expert
+    from transformer2.tasks import load_split
+
+    params = _params(project)
+    rl = params.rl.for_task("gsm8k").model_copy(update={"steps": 4, "eval_every": 2})
+    svf = params.svf.config()
+    model, tokenizer, info = load_patched(project / "artifacts/model", project / "artifacts/svd", svf)
+    expert = init_expert(model, info.fingerprint, svf, torch.Generator().manual_seed(params.seed), {"task": "gsm8k"})
+    data = project / "artifacts/data"
+    result, adapter = train_svf_expert(model, tokenizer, expert, "gsm8k", load_split(data, "gsm8k", "train"),
+                                       load_split(data, "gsm8k", "validation")[: rl.val_size],
+                                       rl.loop_config(params.seed), rl.objective_config(), out / "run", resume=True,
+                                       eval_batch_size=rl.eval_batch_size,
+                                       progress=lambda m: tick(m["step"], delay))
+    final = adapter.state()
+    adapter.load_state(result.best_state)
+    adapter.save(out / "expert", {"best_step": result.best_step})
+    torch.save(final, out / "final_state.pt")
+    (out / "history.json").write_text(json.dumps({"history": without_timings(result.history),
+                                                  "validations": result.validations}, sort_keys=True))
+
+
+def job_all(project: Path, out: Path, delay: float) -> None:
+    """An SVF expert, a LoRA adapter and a CEM mix, as the stages make them (tiny profile, seed 0)."""
+    from transformer2.cem import few_shot_cem, shot_indices
+    from transformer2.lora import train_lora
+    from transformer2.models import load_base, load_patched
+    from transformer2.rl import train_svf_expert
+    from transformer2.svf import init_expert
+    from transformer2.tasks import load_split, shot_pool
+
+    params = _params(project)
+    data = project / "artifacts/data"
+    train, val = load_split(data, "gsm8k", "train"), load_split(data, "gsm8k", "validation")
+    rl, svf = params.rl.for_task("gsm8k"), params.svf.config()
+    model, tokenizer, info = load_patched(project / "artifacts/model", project / "artifacts/svd", svf)
+    expert = init_expert(model, info.fingerprint, svf, torch.Generator().manual_seed(params.seed), {"task": "gsm8k"})
+    result, adapter = train_svf_expert(model, tokenizer, expert, "gsm8k", train, val[: rl.val_size],
+                                       rl.loop_config(params.seed), rl.objective_config(), out / "run_expert",
+                                       eval_batch_size=rl.eval_batch_size)
+    adapter.load_state(result.best_state)
+    adapter.save(out / "expert", {"best_step": result.best_step})
+    metrics = {"expert": without_timings(result.history), "expert_validations": result.validations}
+
+    cem_cfg = params.cem.for_task("arc_challenge")
+    split, pool = shot_pool(data, "arc_challenge")
+    shots = [pool[i] for i in shot_indices(len(pool), cem_cfg.shots, params.seed)]
+    cem = few_shot_cem(model, tokenizer, {"gsm8k": adapter.to_expert({"task": "gsm8k"})}, "arc_challenge", shots,
+                       cem_cfg.cem_config(params.seed), method=cem_cfg.method, batch_size=cem_cfg.batch_size,
+                       max_new_tokens=cem_cfg.max_new_tokens, run_dir=out / "run_cem")
+    cem.save(out / "cem", timings=False)
+
+    lora = params.lora.for_task("gsm8k")
+    base, tokenizer, info = load_base(project / "artifacts/model")
+    result, adapter = train_lora(base, tokenizer, "gsm8k", train, val[: rl.val_size], lora.loop_config(params.seed),
+                                 run_dir=out / "run_lora", objective=lora.objective, lora=lora.lora_config(),
+                                 next_token=lora.next_token_config(),
+                                 reinforce=rl.objective_config(micro_batch_size=lora.micro_batch_size),
+                                 max_new_tokens=rl.max_new_tokens, eval_batch_size=rl.eval_batch_size,
+                                 seed=params.seed, base_fingerprint=info.fingerprint)
+    adapter.load_state(result.best_state)
+    adapter.save(out / "lora", {"best_step": result.best_step, "base_fingerprint": info.fingerprint})
+    metrics.update(lora=without_timings(result.history), lora_validations=result.validations)
+    (out / "metrics.json").write_text(json.dumps(metrics, sort_keys=True, indent=1))
+
+
+if __name__ == "__main__":
+    job, project, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    delay = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
+    {"decompose": job_decompose, "expert": job_expert, "all": job_all}[job](project, out, delay)
+    print("done", flush=True)

@@ -1,0 +1,139 @@
+"""Atomic artifacts, kill-and-resume and determinism (issue 15, items 5 and 6), on the tiny profile through
+library calls: a run SIGKILLed at a random point and resumed ends with the same bytes as an uninterrupted run;
+damaged cache files are recomputed; two runs of the same params and seed write byte-identical experts,
+adapters, CEM mixes and metrics (timings excluded)."""
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from transformer2.files import atomic_dir, temp_siblings
+
+from .conftest import ROOT
+
+
+def files(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def worker(job: str, project: Path, out: Path, delay: float = 0.0, kill_after: int | None = None,
+           timeout: int = 900) -> subprocess.CompletedProcess | None:
+    """Run tests/resume_worker.py; with `kill_after`, SIGKILL it a random moment after that progress line."""
+    cmd = [sys.executable, "-m", "tests.resume_worker", job, str(project), str(out), str(delay)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if kill_after is None:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in proc.stdout:
+            if line.strip() == f"progress {kill_after}":
+                import time
+
+                time.sleep(random.uniform(0, delay))  # somewhere inside the next unit of work
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    return None
+
+
+def test_atomic_dir_keeps_the_old_folder_on_error(tmp_path):
+    target = tmp_path / "expert"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.json").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "a.json").write_text("new")
+            (tmp / "b.json").write_text("new")
+            raise RuntimeError("killed mid-save")
+    assert (target / "a.json").read_text() == "old"
+    assert not (target / "b.json").exists() and not temp_siblings(target)
+
+
+def test_model_stage_writes_one_portable_unit(tiny_model_dir, tmp_path):
+    """checkpoint/ and model.json as one folder, the checkpoint named relative to it: a copy loads its own."""
+    from transformer2.models import ModelError, ModelInfo, load_base
+
+    record = json.loads((tiny_model_dir / "model.json").read_text())
+    assert record["path"] == "checkpoint" and record["files"]["model.safetensors"] > 0
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(tiny_model_dir, copy)
+    assert ModelInfo.load(copy).path == str(copy / "checkpoint")
+    load_base(copy)
+    weights = copy / "checkpoint/model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with pytest.raises(ModelError, match="damaged or incomplete"):
+        load_base(copy)
+
+
+def test_damaged_svd_factor_is_recomputed(tiny_project, tmp_path):
+    from transformer2.models import load_base
+    from transformer2.svd import SVDCacheError, decompose, load_factors
+    from transformer2.svf import find_targets
+
+    cache = tmp_path / "svd"
+    shutil.copytree(tiny_project / "artifacts/svd", cache)
+    good = files(cache)
+    model, _, info = load_base(tiny_project / "artifacts/model")
+    names = find_targets(model, "all")
+    victim = cache / "factors" / f"{names[3]}.safetensors"
+    victim.write_bytes(victim.read_bytes()[:-100])
+    with pytest.raises(SVDCacheError, match="is damaged.*rerun the decompose stage"):
+        load_factors(cache, info.fingerprint)
+    decompose(model, names, cache, info.fingerprint)
+    assert {k: v for k, v in files(cache).items() if k != "index.json"} == {
+        k: v for k, v in good.items() if k != "index.json"}
+    load_factors(cache, info.fingerprint)
+
+
+@pytest.mark.slow  # three interpreters with torch: ~150 s on 2 loaded cores
+def test_decompose_killed_and_resumed_gives_the_same_cache(tiny_project, tmp_path):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    worker("decompose", tiny_project, whole)
+    worker("decompose", tiny_project, resumed, delay=0.3, kill_after=random.randint(2, 10))
+    assert not (resumed / "svd/index.json").exists()
+    worker("decompose", tiny_project, resumed)
+    strip = lambda d: {k: v for k, v in d.items() if k != "index.json"}  # noqa: E731  (index has seconds_this_run)
+    assert strip(files(whole / "svd")) == strip(files(resumed / "svd"))
+    a, b = (json.loads((d / "svd/index.json").read_text()) for d in (whole, resumed))
+    assert {**a, "seconds_this_run": 0} == {**b, "seconds_this_run": 0}
+
+
+@pytest.mark.slow  # three interpreters with torch and a tiny model: ~290 s on 2 loaded cores
+def test_expert_training_killed_and_resumed_gives_the_same_expert(tiny_project, tmp_path):
+    import torch
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    worker("expert", tiny_project, whole)
+    worker("expert", tiny_project, resumed, delay=0.5, kill_after=random.randint(1, 3))
+    assert not (resumed / "expert").exists()
+    worker("expert", tiny_project, resumed)
+    assert files(whole / "expert") == files(resumed / "expert")
+    a, b = (torch.load(d / "final_state.pt") for d in (whole, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (whole / "history.json").read_text() == (resumed / "history.json").read_text()
+
+
+@pytest.mark.slow
+def test_two_runs_of_the_same_params_are_byte_identical(tiny_project, tmp_path):
+    """Separate processes (their own hash seeds), same tiny params and seed: the same expert, LoRA adapter,
+    CEM mix and metrics (timings excluded), byte for byte."""
+    runs = [tmp_path / "one", tmp_path / "two"]
+    for out in runs:
+        worker("all", tiny_project, out)
+    for part in ("expert", "lora", "cem"):
+        assert files(runs[0] / part) == files(runs[1] / part), part
+    assert (runs[0] / "metrics.json").read_text() == (runs[1] / "metrics.json").read_text()
