@@ -26,7 +26,7 @@ def test_params_accept_the_task_and_the_data_stage_splits_it(addition):
     from transformer2.config import parse_params
 
     params = parse_params({"task_modules": [TASK_FILE], "data": {"tasks": ["addition", "gsm8k"]},
-                           "rl": {"tasks": ["addition"]}, "eval": {"tasks": ["addition", "arc_challenge"], "style": "paper",
+                           "rl": {"tasks": ["addition"]}, "lora": {"tasks": ["addition"]}, "eval": {"tasks": ["addition", "arc_challenge"], "style": "paper",
                                                                     "adapt_tasks": ["arc_challenge"]}})
     assert params.rl.tasks == ["addition"]
     assert addition["counts"] == {"train": 6, "validation": 6, "test": 6}
