@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from transformer2.config import Params
 from transformer2.files import atomic_write_json, atomic_write_text
-from transformer2.report import build_report, measured, plot_cells, read_cells, read_stage_metrics
+from transformer2.report import build_report, measured, plot_cells, read_cells, read_stage_metrics, write_tables
 
 from .stage_params import settings_hash, stage_settings, unit_name
 from .tracking import METHODS, metric_name, stage_run
@@ -18,10 +20,11 @@ def expected_hashes(params: Params, units: list[tuple[str, str | None]]) -> dict
 
 def write_report(params: Params, metrics_dir: str, cells: list[tuple[str, str, str]],
                  units: list[tuple[str, str | None]], report_path: str, plot_path: str,
-                 summary_path: str | None = None) -> dict:
-    """Table-1/Table-2-style Markdown and a bar chart from exactly the evaluation cells of this run's DAG,
+                 summary_path: str | None = None, tables_dir: str | None = None) -> dict:
+    """Table-1/Table-2-style Markdown, the same tables as CSV (`table1.csv`, `table2.csv`, `table3.csv` in
+    `tables_dir`, by default beside the report) and a bar chart from exactly the evaluation cells of this run's DAG,
     the headline numbers as score.<method>.<task> in `summary_path` (short column names for `dvc exp show`),
-    and the MLflow report run (its comparison table: task × method, metric, value, n).
+    and the MLflow report run (its comparison table: task × method, metric, value, 95% interval, n).
 
     `cells`: (dvc stage, kind, task) of every eval cell the DAG produces; `units`: its classifier and
     cem units. Metrics files of other profiles are never read; a cell written under other settings
@@ -40,6 +43,7 @@ def write_report(params: Params, metrics_dir: str, cells: list[tuple[str, str, s
                                f"{params.data.fewshot_holdout} of its test docs are held out as shots and every "
                                "HumanEval cell (base included) is evaluated on the rest."}
     atomic_write_text(report_path, build_report(found, notes, classifier, cem, trained))
+    tables = write_tables(found, tables_dir if tables_dir is not None else Path(report_path).parent)
     plot_cells(found, plot_path)
     done = measured(found)
     headline = {f"{METHODS[kind]}.{t}": c["value"] for (kind, t), c in done.items()}
@@ -51,10 +55,14 @@ def write_report(params: Params, metrics_dir: str, cells: list[tuple[str, str, s
     with stage_run(params, "report"):
         mlflow.log_artifact(report_path)
         mlflow.log_artifact(plot_path)
+        for path in tables:
+            mlflow.log_artifact(str(path), artifact_path="tables")
         mlflow.log_metrics({k: float(v) for k, v in headline.items()})
         mlflow.log_table({"task": [t for _, t in found], "method": [METHODS[k] for k, _ in found],
                           "metric": [metric_name(c.get("metric", "")) for c in found.values()],
                           "value": [c.get("value") for c in found.values()],
+                          "ci95_low": [(c.get("ci95") or [None])[0] for c in found.values()],
+                          "ci95_high": [(c.get("ci95") or [None, None])[1] for c in found.values()],
                           "n": [c.get("n_docs") for c in found.values()],
                           "status": [c.get("status", "measured") for c in found.values()]},
                          artifact_file="comparison.json")

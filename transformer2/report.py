@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
 from .cells import KIND_TITLES, TWO_PASS_KINDS
-from .files import atomic_save
+from .files import atomic_save, atomic_write_text
 from .tasks import PAPER_TRAIN_TASKS as TRAIN_TASKS, PAPER_UNSEEN_TASKS as UNSEEN_TASKS, TASKS
 
 Cells = dict[tuple[str, str], dict]  # (kind, task) -> the cell's metrics file content, or {"status": ...}
@@ -213,26 +213,137 @@ def build_report(cells: Cells, notes: Mapping[str, str] | None = None, classifie
     return "\n".join(parts)
 
 
-def plot_cells(cells: Cells, path: str | Path) -> None:
-    """Grouped bars per task for every kind that has a measured cell."""
+# ---------------------------------------------------------------- the tables as data (CSV)
+
+TABLE_FIELDS = ("task", "task_title", "kind", "method", "metric", "n_docs", "value", "ci95_low", "ci95_high",
+                "delta_vs_base", "delta_ci95_low", "delta_ci95_high", "p_value", "status")
+TIMING_FIELDS = ("task", "task_title", "kind", "method", "first_pass_s", "second_pass_s", "first_to_second",
+                 "adaptation_search_s")
+
+
+def table_rows(cells: Cells, kinds: Sequence[str], tasks: Sequence[str]) -> list[dict]:
+    """Table 1 or 2 as long-format rows, one per cell this run expects (task order, then `kinds` order):
+    accuracies and Δ as fractions (0-1, like the metrics files), blank where not measured; `status` is
+    measured / missing / stale, so a CSV reader cannot take an absent cell for a zero."""
+    rows = []
+    for task in tasks:
+        for kind in kinds:
+            c = cells.get((kind, task))
+            if c is None:
+                continue
+            ci, dci = c.get("ci95") or (None, None), c.get("delta_ci95") or (None, None)
+            rows.append({"task": task, "task_title": task_title(task), "kind": kind,
+                         "method": KIND_TITLES.get(kind, kind), "metric": c.get("metric"), "n_docs": c.get("n_docs"),
+                         "value": c.get("value"), "ci95_low": ci[0], "ci95_high": ci[1],
+                         "delta_vs_base": c.get("delta_vs_base"), "delta_ci95_low": dci[0], "delta_ci95_high": dci[1],
+                         "p_value": c.get("p_value"), "status": c.get("status", "measured")})
+    return rows
+
+
+def timing_rows(cells: Cells, kinds: Sequence[str] = TABLE2_KINDS[1:],
+                tasks: Sequence[str] = UNSEEN_TASKS) -> list[dict]:
+    """Table 3 as rows: seconds of the first and second pass of every two-pass cell that recorded them."""
+    rows = []
+    for task in tasks:
+        for kind in kinds:
+            c = cells.get((kind, task))
+            if c and c.get("first_pass_s") is not None:
+                rows.append({"task": task, "task_title": task_title(task), "kind": kind,
+                             "method": KIND_TITLES.get(kind, kind), **{k: c.get(k) for k in TIMING_FIELDS[4:]}})
+    return rows
+
+
+def write_csv(path: str | Path, rows: Sequence[Mapping], fields: Sequence[str]) -> Path:
+    """A header-always CSV (an empty table is still a file DVC can track), blank for None."""
+    import csv
+    import io
+
+    out = io.StringIO(newline="")
+    writer = csv.DictWriter(out, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in fields})
+    return atomic_write_text(path, out.getvalue())
+
+
+def write_tables(cells: Cells, out_dir: str | Path) -> list[Path]:
+    """`table1.csv` (training tasks), `table2.csv` (unseen tasks), `table3.csv` (two-pass timings)."""
+    out_dir = Path(out_dir)
+    return [write_csv(out_dir / "table1.csv", table_rows(cells, TABLE1_KINDS, TRAIN_TASKS), TABLE_FIELDS),
+            write_csv(out_dir / "table2.csv", table_rows(cells, TABLE2_KINDS, UNSEEN_TASKS), TABLE_FIELDS),
+            write_csv(out_dir / "table3.csv", timing_rows(cells), TIMING_FIELDS)]
+
+
+# ---------------------------------------------------------------- the bar chart
+
+ZERO_GID = "zero:{kind}:{task}"  # gid of the marker that stands for a 0.0 bar (a bar of height 0 draws nothing)
+
+
+def results_figure(cells: Cells):
+    """Table 1 and Table 2 as grouped bars (one panel each, only tasks with a measured cell): accuracy in %
+    with its 95% interval as an error bar, a marker and "0" for a cell that measured 0.0, and the status
+    (missing / stale) written where an expected cell of a drawn task has no result. Returns the Figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = measured(cells)
-    tasks = [t for t in TRAIN_TASKS + UNSEEN_TASKS if any(task == t for _, task in cells)]
-    kinds = [k for k in TABLE1_KINDS + TABLE2_KINDS[1:] if any(kind == k for kind, _ in cells)]
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks)), 3.6))
-    width = 0.8 / max(1, len(kinds))
-    for i, kind in enumerate(kinds):
-        xs = [j + i * width for j, t in enumerate(tasks) if (kind, t) in cells]
-        ys = [100 * cells[(kind, t)]["value"] for t in tasks if (kind, t) in cells]
-        ax.bar(xs, ys, width, label=KIND_TITLES.get(kind, kind))
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], [task_title(t) for t in tasks])
-    ax.set_ylabel("accuracy (%)")
-    ax.legend(fontsize=8)
-    ax.set_title("transformer2: base vs adapted, per task")
+    done = measured(cells)
+    panels = [(title, kinds, [t for t in tasks if any((k, t) in done for k in kinds)])
+              for title, kinds, tasks in (("Table 1: training tasks", TABLE1_KINDS, TRAIN_TASKS),
+                                          ("Table 2: unseen tasks", TABLE2_KINDS, UNSEEN_TASKS))]
+    panels = [p for p in panels if p[2]] or [("no measured cells", TABLE1_KINDS, [])]
+    top = 0.0
+    palette = plt.get_cmap("tab10")
+    colors = {k: palette(i) for i, k in enumerate(dict.fromkeys(TABLE1_KINDS + TABLE2_KINDS))}
+    fig, axes = plt.subplots(1, len(panels), squeeze=False,
+                             figsize=(max(6.0, sum(1.3 * max(1, len(p[2])) + 1.2 for p in panels)), 4.2),
+                             gridspec_kw={"width_ratios": [max(1, len(p[2])) for p in panels]})
+    for ax, (title, kinds, tasks) in zip(axes[0], panels):
+        shown = [k for k in kinds if any(cells.get((k, t)) is not None for t in tasks)]
+        width = 0.8 / max(1, len(shown))
+        for i, kind in enumerate(shown):
+            for j, task in enumerate(tasks):
+                x = j - 0.4 + (i + 0.5) * width
+                c = cells.get((kind, task))
+                if c is None:
+                    continue
+                if "status" in c:
+                    ax.text(x, 1, c["status"], rotation=90, ha="center", va="bottom", fontsize=7, color="0.45")
+                    continue
+                y = 100 * c["value"]
+                ci = c.get("ci95")
+                err = [[y - 100 * ci[0]], [100 * ci[1] - y]] if ci else None
+                ax.bar(x, y, width, color=colors[kind], yerr=err, capsize=3, ecolor="0.2",
+                       error_kw={"elinewidth": 1}, label=KIND_TITLES.get(kind, kind))
+                if y == 0:
+                    ax.plot([x], [0], marker="_", markersize=max(6, 60 * width), markeredgewidth=5, zorder=3,
+                            color=colors[kind], clip_on=False, gid=ZERO_GID.format(kind=kind, task=task))
+                hi = 100 * ci[1] if ci else y
+                top = max(top, hi)
+                ax.text(x, hi + 1, f"{y:.1f}" if y else "0", ha="center", va="bottom", fontsize=7)
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        if unique:
+            ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper right")
+        ax.set_xticks(range(len(tasks)), [task_title(t) for t in tasks])
+        ax.set_xlim(-0.6, max(1, len(tasks)) - 0.4)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in axes[0]:  # one scale for both panels: bars compare across tables too
+        ax.set_ylim(0, min(105.0, max(10.0, top * 1.15 + 5)))
+    axes[0][0].set_ylabel("accuracy (%), 95% interval")
+    fig.suptitle("transformer2: base vs adapted, per task", fontsize=11)
     fig.tight_layout()
-    atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
+    return fig
+
+
+def plot_cells(cells: Cells, path: str | Path) -> Path:
+    """`results_figure` as a PNG (written atomically: a reader never sees half a file)."""
+    import matplotlib.pyplot as plt
+
+    fig = results_figure(cells)
+    try:
+        return atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)

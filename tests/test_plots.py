@@ -1,0 +1,99 @@
+"""Plots and table files of the report (issue 14, item 5): no model, small metrics files only."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from transformer2.report import ZERO_GID, plot_cells, read_cells, results_figure, write_tables
+
+from .conftest import ROOT
+
+
+def _write(path, kind, task, value, ci=None, **extra):
+    path.joinpath(f"eval_{kind}_{task}.json").write_text(json.dumps(
+        {"kind": kind, "task": task, "metric": "acc,none", "value": value, "n_docs": 40,
+         **({"ci95": ci} if ci else {}), **extra}))
+
+
+@pytest.fixture()
+def cells(tmp_path):
+    _write(tmp_path, "base", "arc_easy", 0.0, [0.0, 0.0876])  # a measured zero
+    _write(tmp_path, "svf", "arc_easy", 0.25, [0.142, 0.403], delta_vs_base=0.25, delta_ci95=[0.11, 0.39],
+           p_value=0.0005)
+    _write(tmp_path, "base", "math", 0.05, [0.014, 0.165])
+    _write(tmp_path, "prompt", "math", 0.1, [0.04, 0.23], first_pass_s=1.5, second_pass_s=30.0,
+           first_to_second=0.05)
+    return read_cells(tmp_path, [("base", "arc_easy"), ("lora", "arc_easy"), ("svf", "arc_easy"),
+                                 ("base", "math"), ("prompt", "math")])
+
+
+def test_results_figure_draws_error_bars_and_a_visible_zero_bar(cells, tmp_path):
+    import matplotlib.pyplot as plt
+    from matplotlib.container import BarContainer, ErrorbarContainer
+
+    fig = results_figure(cells)
+    try:
+        table1, table2 = fig.axes
+        assert "Table 1" in table1.get_title() and "Table 2" in table2.get_title()
+        bars = {round(b.get_height(), 6) for c in table1.containers if isinstance(c, BarContainer) for b in c}
+        assert bars == {0.0, 25.0}
+        # The interval of the SVF cell, in %: the error bar spans exactly ci95.
+        spans = []
+        for c in table1.containers:
+            if isinstance(c, ErrorbarContainer):
+                for seg in c.lines[2][0].get_segments():
+                    spans.append(tuple(np.round(seg[:, 1], 1)))
+        assert (14.2, 40.3) in spans and (0.0, 8.8) in spans
+        zero = [ln for ln in table1.get_lines() if ln.get_gid() == ZERO_GID.format(kind="base", task="arc_easy")]
+        assert len(zero) == 1 and zero[0].get_visible() and zero[0].get_markeredgewidth() >= 3
+        assert "missing" in [t.get_text() for t in table1.texts]  # the LoRA cell never ran: said, not blank
+        assert not [ln for ln in table2.get_lines() if ln.get_gid()]  # no zero in Table 2
+        assert table1.get_ylim() == table2.get_ylim()  # one scale for both panels
+    finally:
+        plt.close(fig)
+    path = plot_cells(cells, tmp_path / "plots" / "results.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tables_as_csv(cells, tmp_path):
+    t1, t2, t3 = write_tables(cells, tmp_path / "reports")
+    assert [p.name for p in (t1, t2, t3)] == ["table1.csv", "table2.csv", "table3.csv"]
+    rows = list(csv.DictReader(t1.open()))
+    assert [(r["task"], r["kind"], r["status"]) for r in rows] == [
+        ("arc_easy", "base", "measured"), ("arc_easy", "lora", "missing"), ("arc_easy", "svf", "measured")]
+    assert rows[0]["value"] == "0.0" and rows[0]["ci95_high"] == "0.0876"
+    assert rows[1]["value"] == ""  # not measured is blank, never 0
+    assert (rows[2]["method"], rows[2]["delta_vs_base"], rows[2]["p_value"]) == ("SVF", "0.25", "0.0005")
+    assert rows[2]["metric"] == "acc,none" and rows[2]["n_docs"] == "40"
+    rows2 = list(csv.DictReader(t2.open()))
+    assert [(r["task"], r["kind"]) for r in rows2] == [("math", "base"), ("math", "prompt")]
+    assert list(csv.DictReader(t3.open())) == [
+        {"task": "math", "task_title": "MATH", "kind": "prompt", "method": "prompt", "first_pass_s": "1.5",
+         "second_pass_s": "30.0", "first_to_second": "0.05", "adaptation_search_s": ""}]
+    empty = write_tables({}, tmp_path / "empty")  # no cells: header-only files DVC can still track
+    assert all(p.read_text().count("\n") == 1 for p in empty)
+
+
+def test_dvc_yaml_plots_pair_each_expert_with_its_lora_baseline():
+    """One validation figure per training task with both curves, reward and KL of the experts, all with
+    the `points` template (blank rows skipped), and the tables as untracked-by-cache outs of `report`."""
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    plots = {name: spec for entry in dvc["plots"] for name, spec in entry.items()}
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for task in params["rl"]["tasks"]:
+        spec = plots[f"validation_{task}"]
+        assert spec["y"] == {f"plots/expert_{task}.csv": "val_accuracy", f"plots/lora_{task}.csv": "val_accuracy"}
+        assert spec["x"] == "step" and spec["template"] == "points"
+    for field in ("reward", "kl"):
+        assert plots[f"expert_{field}"]["y"] == {f"plots/expert_{t}.csv": field for t in params["rl"]["tasks"]}
+    assert (ROOT / ".dvc" / "plots" / "points.json").is_file()
+    template = json.loads((ROOT / ".dvc" / "plots" / "points.json").read_text())
+    assert "<DVC_METRIC_DATA>" in json.dumps(template) and "!== ''" in template["transform"][0]["filter"]
+    outs = [next(iter(o)) if isinstance(o, dict) else o for o in dvc["stages"]["report"]["outs"]]
+    assert {"reports/table1.csv", "reports/table2.csv", "reports/table3.csv"} <= set(outs)
+    # The curves the plots read carry the columns they name (tasks/tracking.py writes them).
+    from tasks.tracking import CURVE_FIELDS
+
+    assert {"step", "val_accuracy", "reward", "kl"} <= set(CURVE_FIELDS)
