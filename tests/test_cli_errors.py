@@ -51,7 +51,7 @@ def test_missing_expert_names_the_file_and_its_stage(project):
     proc, seconds = t2(project, "eval", "--kind", "svf", "--task", "gsm8k")
     assert one_error(proc) == ("artifacts/experts/gsm8k/expert.json not found: run stage expert@gsm8k first "
                                "(`dvc repro expert@gsm8k`)")
-    assert seconds < 10  # no Prefect server, no model (idle machine: ~1 s)
+    assert seconds < 60  # no Prefect server, no model: ~2 s idle (a bound, not a benchmark: CI cores are shared)
     proc, _ = t2(project, "eval", "--kind", "prompt", "--task", "arc_challenge")
     assert one_error(proc).startswith("artifacts/experts/gsm8k/expert.json not found")
     proc, _ = t2(project, "eval", "--kind", "lora", "--task", "mbpp")
@@ -90,7 +90,7 @@ def test_unreachable_tracking_server_fails_in_seconds(project):
                                                                           "uri": f"http://127.0.0.1:{port}"}}))
     proc, seconds = t2(project, "data", "--params", "uri.yaml")
     assert one_error(proc).startswith(f"tracking.uri http://127.0.0.1:{port}: no MLflow server answers")
-    assert seconds < 5
+    assert seconds < 60  # MLflow's own retries take ~260 s; the check answers in ~2 s on an idle machine
 
 
 def test_an_error_inside_a_flow_is_one_line_without_prefects_traceback(project):

@@ -78,3 +78,17 @@ def test_changed_training_data_never_resumes_the_old_run(tmp_path, capsys):
     assert result.resumed_from == 0 and "different config" in capsys.readouterr().out
     _, fresh = _run(new, tmp_path / "fresh", steps=3, resume=False)
     assert torch.equal(w, fresh)  # the new data's expert, not the old checkpoint's
+
+
+def test_a_damaged_checkpoint_starts_afresh_instead_of_crashing(tmp_path, capsys):
+    from transformer2.training import CHECKPOINT
+
+    docs = [{"y": float(i)} for i in range(6)]
+    with pytest.raises(KeyboardInterrupt):
+        _run(docs, tmp_path, steps=3, resume=False, crash_at=3)
+    ckpt = tmp_path / CHECKPOINT
+    ckpt.write_bytes(ckpt.read_bytes()[:100])  # e.g. a disk that filled up under another writer
+    result, w = _run(docs, tmp_path, steps=3, resume=True)
+    assert result.resumed_from == 0 and "cannot be read" in capsys.readouterr().out
+    _, fresh = _run(docs, tmp_path / "fresh", steps=3, resume=False)
+    assert torch.equal(w, fresh)

@@ -23,7 +23,7 @@ import torch
 
 from .adapters import Adapter
 from .errors import UserError
-from .files import atomic_save
+from .files import atomic_save, load_torch_checkpoint
 from .identity import docs_bytes, run_fingerprint
 from .settings import LoopConfig
 from .stats import wilson_interval
@@ -133,9 +133,9 @@ def fit(adapter: Adapter, objective: Objective, validate: Validate, train_docs: 
     identity = run_fingerprint({**asdict(cfg), "run_id": run_id}, [docs_bytes(train_docs), docs_bytes(inputs)])
     step, history, validations, best, resumed_from = 0, [], [], None, 0
     base_acc = None
-    if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        if ckpt["identity"] == identity:
+    ckpt = load_torch_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None  # damaged: start afresh
+    if ckpt is not None:
+        if ckpt.get("identity") == identity:
             adapter.load_state(ckpt["adapter"])
             opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
