@@ -97,3 +97,27 @@ def test_dvc_yaml_plots_pair_each_expert_with_its_lora_baseline():
     from tasks.tracking import CURVE_FIELDS
 
     assert {"step", "val_accuracy", "reward", "kl"} <= set(CURVE_FIELDS)
+
+
+def test_confusion_matrix_is_row_normalised_with_a_readable_title(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from transformer2.classifier import confusion_figure, dispatch_title, normalise_rows, plot_confusion
+
+    m = np.array([[3, 1, 0, 0], [0, 2, 2, 0], [0, 0, 4, 0], [0, 0, 0, 0]])  # no "other" prompt held out
+    shares = normalise_rows(m)
+    assert np.allclose(shares[:3].sum(1), 1) and shares[0, 0] == 0.75 and np.isnan(shares[3]).all()
+    title = dispatch_title("classifier", "loglik")
+    assert title.splitlines() == ["Dispatch by the classification expert z_c",
+                                  "first pass: log-likelihood of each category"]
+    fig = confusion_figure(m, title=title)
+    try:
+        ax = fig.axes[0]
+        assert ax.get_title().endswith("accuracy 75% on 12 held-out prompts")
+        assert ax.images[0].get_clim() == (0.0, 1.0)  # one colour scale for every matrix
+        texts = [t.get_text() for t in ax.texts]
+        assert "0.75\n3/4" in texts and texts.count("–") == 4
+        assert [t.get_text() for t in ax.get_yticklabels()][0] == "code (4)"
+    finally:
+        plt.close(fig)
+    assert plot_confusion(m, tmp_path / "d" / "c.png", title=title).read_bytes()[:4] == b"\x89PNG"

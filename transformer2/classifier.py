@@ -198,32 +198,67 @@ def dispatch_metrics(matrix: np.ndarray, labels: Sequence[str] = CATEGORIES) -> 
     return out
 
 
-def plot_confusion(matrix: np.ndarray, path: str | Path, labels: Sequence[str] = CATEGORIES,
-                   title: str = "dispatch") -> Path:
-    """Write the confusion matrix as a PNG heat map with counts (rows true, columns predicted)."""
+def normalise_rows(matrix: np.ndarray) -> np.ndarray:
+    """Each true category's row as shares of its prompts (recall on the diagonal); NaN for a row with none,
+    so a category the held-out set lacks is not drawn as "never routed right"."""
+    m = np.asarray(matrix, dtype=float)
+    support = m.sum(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(support > 0, m / support, np.nan)
+
+
+DISPATCH_TITLES = {"prompt": "the base model's prompt", "classifier": "the classification expert z_c"}
+MODE_TITLES = {"loglik": "log-likelihood of each category", "generate": "generated category name"}
+
+
+def dispatch_title(who: str, mode: str) -> str:
+    """`Dispatch by the classification expert z_c` / `first pass: log-likelihood of each category`."""
+    return f"Dispatch by {DISPATCH_TITLES.get(who, who)}\nfirst pass: {MODE_TITLES.get(mode, mode)}"
+
+
+def confusion_figure(matrix: np.ndarray, labels: Sequence[str] = CATEGORIES, title: str = "dispatch"):
+    """Row-normalised heat map on a fixed 0-1 scale (matrices of different runs compare by colour), each
+    cell `share` over `count/row total`; rows true, columns predicted. Returns the Figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(4.2, 3.8), dpi=120)
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(labels)), labels, rotation=30)
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    acc = np.trace(matrix) / max(1, matrix.sum())
-    ax.set_title(f"{title} (accuracy {acc:.2f})")
-    hi = matrix.max() if matrix.size else 0
+    matrix = np.asarray(matrix)
+    shares = normalise_rows(matrix)
+    support = matrix.sum(1)
+    fig, ax = plt.subplots(figsize=(5.0, 4.6), dpi=120)
+    image = ax.imshow(np.ma.masked_invalid(shares), cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true category's prompts")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), [f"{c} ({int(n)})" for c, n in zip(labels, support)])
+    ax.set_xlabel("predicted category")
+    ax.set_ylabel("true category (prompts)")
+    total = int(matrix.sum())
+    acc = np.trace(matrix) / total if total else 0.0
+    ax.set_title(f"{title}\naccuracy {acc:.0%} on {total} held-out prompts", fontsize=9)
     for i in range(matrix.shape[0]):
         for j in range(matrix.shape[1]):
-            ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center",
-                    color="white" if hi and matrix[i, j] > hi / 2 else "black")
+            share = shares[i, j]
+            text = "–" if np.isnan(share) else f"{share:.2f}\n{int(matrix[i, j])}/{int(support[i])}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                    color="white" if not np.isnan(share) and share > 0.5 else "black")
     fig.tight_layout()
-    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+    return fig
+
+
+def plot_confusion(matrix: np.ndarray, path: str | Path, labels: Sequence[str] = CATEGORIES,
+                   title: str = "dispatch") -> Path:
+    """Write `confusion_figure` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = confusion_figure(matrix, labels, title)
+    try:
+        atomic_save(path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -263,11 +298,12 @@ def measure_dispatch(model, tokenizer, heldout: Sequence[dict], classifier, mode
             details[name] = {"confusion": out["confusion"], "labels": out["labels"], "pred": out["pred"],
                              "true": out["true"], "source": [d["source"] for d in heldout]}
             pngs.append(plot_confusion(np.array(out["confusion"]), Path(plots_dir) / f"{name}.png",
-                                       title=f"{who} dispatch, {mode}"))
+                                       title=dispatch_title(who, mode)))
             if progress:
                 progress(f"dispatch {name}: accuracy {out['metrics']['accuracy']:.3f} on {len(heldout)} prompts")
     return dispatch, details, pngs
 
 __all__ = ["ClassifierDataError", "classifier_docs", "dispatch_confusion", "dispatch_metrics",
            "evaluate_dispatch", "heldout_docs", "measure_dispatch", "loglik_objective", "per_source_accuracy",
-           "plot_confusion", "train_classifier_expert"]
+           "plot_confusion", "train_classifier_expert", "confusion_figure", "dispatch_title",
+           "normalise_rows"]
