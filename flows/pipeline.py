@@ -7,8 +7,10 @@ DVC skips what is up to date, records dvc.lock and caches the outputs, while eac
 appears in Prefect as its own task run (DVC holds a repository lock, so stages run one at a
 time). Each stage's MLflow run nests under the pipeline's own run (its id reaches the stage
 processes in MLFLOW_PARENT_RUN_ID). `use_dvc=False` runs each stage's command in-process,
-without git or DVC; there `parallel=True` runs the items of a foreach stage (e.g. the experts of different tasks)
-concurrently (several copies of the model in memory: for multi-GPU or big-RAM hosts).
+without git or DVC; there `parallel=True` runs the items of a foreach training stage (e.g. the experts of
+different tasks) concurrently (several copies of the model in memory: for multi-GPU or big-RAM hosts).
+Evaluation cells stay one at a time: lm-eval's task registry and evaluator are process-wide state, and
+concurrent cells in one process fail.
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ def _run_stages(params_path: str, use_dvc: bool, parallel: bool) -> None:
     for stage in dag_stages(params_path):
         if use_dvc:
             dvc_repro_task.with_options(name=f"dvc-repro-{stage.name}")(stage.name)
-        elif parallel and stage.foreach:
+        elif parallel and stage.foreach and not any(shlex.split(c)[:2] == ["t2", "eval"] for c in stage.commands):
             futures = [command_task.with_options(name=f"t2-{stage.name}").submit(cmd, params_path)
                        for cmd in stage.commands]
             for future in futures:

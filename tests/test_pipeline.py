@@ -205,7 +205,8 @@ def test_profiles_are_valid_and_complete(profile):
 def test_pipeline_flow_reads_its_stages_from_dvc_yaml(tmp_path):
     from flows.pipeline import dag_stages
 
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**TINY, "rl": {**TINY["rl"], "tasks": ["gsm8k", "mbpp"]}}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**TINY, "rl": {**TINY["rl"], "tasks": ["gsm8k", "mbpp"]},
+                                                          "eval": {**TINY["eval"], "tasks": TINY["eval"]["tasks"] + ["mbpp"]}}))
     stages = {s.name: s for s in dag_stages(tmp_path / "params.yaml", ROOT / "dvc.yaml")}
     assert list(stages) == list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
     assert stages["expert"].commands == ("t2 train-expert --task gsm8k --resume", "t2 train-expert --task mbpp --resume")
