@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from transformer2.files import atomic_write_json, atomic_write_text
+from transformer2.files import atomic_write_json
 from transformer2.harness import evaluate_task
 from transformer2.models import load_patched
 from transformer2.rl import train_svf_expert
 from transformer2.settings import LoopConfig, RLObjectiveConfig
-from transformer2.stats import cell_statistics
+from transformer2.stats import cell_statistics, write_samples
 from transformer2.svd import load_singular_values
 from transformer2.svf import SVFConfig, expert_movement, init_expert
 from transformer2.tasks import load_split
@@ -42,8 +42,7 @@ def evaluate(args: dict, task: str, data: Path, limit: int, max_gen_toks: int, o
         res = evaluate_task(args, task, data_root=data, style="paper", limit=limit, batch_size=32,
                             apply_chat_template=True, gen_kwargs={"max_gen_toks": max_gen_toks},
                             response_cache=out / "responses")
-        atomic_write_text(samples, "".join(json.dumps({"task": sub, **row}, default=str) + "\n"
-                                           for sub, rows in res["samples"].items() for row in rows))
+        write_samples(samples, res["samples"])
         atomic_write_json(summary, {"headline": res["headline"], "seconds": round(time.perf_counter() - start, 1)})
     return samples, json.loads(summary.read_text())
 

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -9,11 +8,10 @@ from prefect.cache_policies import NO_CACHE
 
 from transformer2.cells import TWO_PASS_KINDS
 from transformer2.config import Params
-from transformer2.files import atomic_write_text
 from transformer2.harness import cache_files, evaluate_task
 from transformer2.runtime import resource_metrics, timed
 from transformer2.identity import file_bytes, run_fingerprint
-from transformer2.stats import PairingError, cell_statistics
+from transformer2.stats import PairingError, cell_statistics, write_samples
 
 from .tracking import METHODS, cell_metrics, log_inputs, record_metrics, stage_run, write_json
 
@@ -155,8 +153,7 @@ def evaluate_cell_task(params: Params, kind: str, task_name: str, args: dict, da
         write_json(out_path / "results.json", {"results": out["results"], "n_samples": out["n_samples"]})
         n_docs = sum(len({row.get("doc_id") for row in rows}) for rows in out["samples"].values())
         samples = out_path / "samples.jsonl"
-        atomic_write_text(samples, "".join(json.dumps({"task": sub, **row}, default=str) + "\n"
-                                           for sub, rows in out["samples"].items() for row in rows))
+        write_samples(samples, out["samples"])
         metrics = {"kind": kind, "task": task_name, "lm_eval_task": out["task"], "style": ev.style,
                    "limit": ev.limit, "n_docs": n_docs, "metric": out["headline"]["metric"], "value": out["headline"]["value"],
                    "metrics": out["metrics"], **sample_statistics(samples, out["headline"]["metric"], base_samples,

@@ -170,6 +170,15 @@ def compare(reference: Sequence[float], system: Sequence[float], *, seed: int = 
 
 # ------------------------------------------------------------------ eval cells' per-sample outputs
 
+def write_samples(path: str | Path, samples: dict[str, list[dict]]) -> None:
+    """lm-eval's per-sample outputs ({subtask: rows}) as one JSON Lines file, each row tagged with its
+    subtask: the file `read_samples` and `pair_samples` read."""
+    from .files import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps({"task": sub, **row}, default=str) + "\n"
+                                    for sub, rows in samples.items() for row in rows))
+
+
 def read_samples(path: str | Path, metric: str) -> dict[Key, float]:
     """Per-doc scores of one eval cell: {(task, doc_id): score}.
 
