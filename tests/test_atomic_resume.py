@@ -99,13 +99,21 @@ def test_damaged_svd_factor_is_recomputed(tiny_project, tmp_path):
     load_factors(cache, info.fingerprint)
 
 
+def uninterrupted_and_resumed(job: str, project: Path, tmp_path: Path, delay: float, kill_range: tuple[int, int],
+                              output: str) -> tuple[Path, Path]:
+    """`job` run once whole, and once SIGKILLed at a random progress step (its `output` not yet written)
+    then rerun to the end: the two folders to compare."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    worker(job, project, whole)
+    worker(job, project, resumed, delay=delay, kill_after=random.randint(*kill_range))
+    assert not (resumed / output).exists()
+    worker(job, project, resumed)
+    return whole, resumed
+
+
 @pytest.mark.slow  # three interpreters with torch: ~150 s on 2 loaded cores
 def test_decompose_killed_and_resumed_gives_the_same_cache(tiny_project, tmp_path):
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    worker("decompose", tiny_project, whole)
-    worker("decompose", tiny_project, resumed, delay=0.3, kill_after=random.randint(2, 10))
-    assert not (resumed / "svd/index.json").exists()
-    worker("decompose", tiny_project, resumed)
+    whole, resumed = uninterrupted_and_resumed("decompose", tiny_project, tmp_path, 0.3, (2, 10), "svd/index.json")
     strip = lambda d: {k: v for k, v in d.items() if k != "index.json"}  # noqa: E731  (index has seconds_this_run)
     assert strip(files(whole / "svd")) == strip(files(resumed / "svd"))
     a, b = (json.loads((d / "svd/index.json").read_text()) for d in (whole, resumed))
@@ -116,11 +124,7 @@ def test_decompose_killed_and_resumed_gives_the_same_cache(tiny_project, tmp_pat
 def test_expert_training_killed_and_resumed_gives_the_same_expert(tiny_project, tmp_path):
     import torch
 
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    worker("expert", tiny_project, whole)
-    worker("expert", tiny_project, resumed, delay=0.5, kill_after=random.randint(1, 3))
-    assert not (resumed / "expert").exists()
-    worker("expert", tiny_project, resumed)
+    whole, resumed = uninterrupted_and_resumed("expert", tiny_project, tmp_path, 0.5, (1, 3), "expert")
     assert files(whole / "expert") == files(resumed / "expert")
     a, b = (torch.load(d / "final_state.pt") for d in (whole, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
