@@ -77,10 +77,14 @@ class _Decoder:
         z = lambda: torch.zeros(self.slots, dtype=torch.long, device=self.device)
         self.pos, self.tok, self.steps = z(), z(), z()  # next token's position, next token, tokens generated
         self.active = 0  # rows live in slots [0, active)
-        self.queue = deque(sorted(range(n), key=lambda i: -len(prompts[i])))  # longest first
+        # a row's twin: the first row with the same prompt and z group (k samples of one prompt);
+        # twins admitted together prefill once, the others copy its KV
+        first: dict = {}
+        self.twin = [first.setdefault((self.groups[i], tuple(p)), i) for i, p in enumerate(prompts)]
+        self.queue = deque(sorted(range(n), key=lambda i: (-len(prompts[i]), self.twin[i], i)))  # longest first
         self.out: list[list[int]] = [[] for _ in prompts]
         self._z_rows: Optional[list] = None
-        self.clock = dict(prefill_s=0.0, prefill_tokens=0, decode_s=0.0, steps=0, rows=0)
+        self.clock = dict(prefill_s=0.0, prefill_tokens=0, prompts_copied=0, decode_s=0.0, steps=0, rows=0)
         # the common prefix, once per z group (not worth it with more groups than slots)
         self.shared, self.prefix = 0, None
         if share_prefix and n > 1:
@@ -117,9 +121,23 @@ class _Decoder:
                 Kt, Vt = self.kv.buffers(layer, K, V)
                 Kt[a:a + len(new), :, :C] = K[src, :, :C]
                 Vt[a:a + len(new), :, :C] = V[src, :, :C]
-        # the last prompt token is fed by the first decode step
-        self._prefill(self.kv, [(a + b, r, self.prompts[r][C:-1], C) for b, r in enumerate(new)
-                                if len(self.prompts[r]) - 1 > C])
+        # the last prompt token is fed by the first decode step; a twin's rows copy its KV
+        slot_of, copies, items = {}, [], []
+        for b, r in enumerate(new):
+            if self.twin[r] in slot_of:
+                copies.append((a + b, slot_of[self.twin[r]]))
+                continue
+            slot_of[self.twin[r]] = a + b
+            if len(self.prompts[r]) - 1 > C:
+                items.append((a + b, r, self.prompts[r][C:-1], C))
+        self._prefill(self.kv, items)
+        if copies:
+            dst, src = (torch.tensor(c, device=self.device) for c in zip(*copies))
+            n = max(len(self.prompts[new[d - a]]) for d, _ in copies) - 1
+            for K, V in self.kv.layers.values():
+                K[dst, :, :n] = K[src, :, :n]
+                V[dst, :, :n] = V[src, :, :n]
+        self.clock["prompts_copied"] += len(copies)
         for b, r in enumerate(new):
             self.rid[a + b] = r
             self.pos[a + b] = len(self.prompts[r]) - 1
