@@ -1,7 +1,7 @@
 """Does an SVF expert trained with REINFORCE move off the base, and does it beat it on test docs?
 
     python benchmarks/rl_signal.py --task arc_easy [--steps 24 --batch 4 --samples 8 --temperature 0.7
-        --lr 3e-2 --max-new-tokens 48 --val 64 --test 300]
+        --lr 3e-2 --kl-coef 0 --entropy-coef 0 --max-new-tokens 48 --val 64 --test 300]
 
 One expert is trained on the task's training split and validated on its validation split (never
 the test split), exactly as the expert stage does (`rl.train_svf_expert`), then the base and the
@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--lr", type=float, default=3e-2)
     ap.add_argument("--kl-coef", type=float, default=0.0, help="λ of the KL penalty to the base (paper: 0-0.3)")
+    ap.add_argument("--entropy-coef", type=float, default=0.0,
+                    help="β of the entropy bonus on answer tokens (against the policy collapsing onto one answer)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--val", type=int, default=64, help="validation docs")
     ap.add_argument("--test", type=int, default=300, help="test docs for the paired comparison")
@@ -80,7 +82,7 @@ def main() -> None:
     loop = LoopConfig(steps=a.steps, batch_size=a.batch, lr=a.lr, eval_every=max(1, a.steps // 4), grad_clip=1.0,
                       seed=a.seed)
     objective = RLObjectiveConfig(max_new_tokens=a.max_new_tokens, do_sample=True, temperature=a.temperature, kl_coef=a.kl_coef,
-                                  samples_per_prompt=a.samples, baseline="rloo", micro_batch_size=16)
+                                  entropy_coef=a.entropy_coef, samples_per_prompt=a.samples, baseline="rloo", micro_batch_size=16)
     svf = SVFConfig()
     model, tokenizer, info = load_patched(a.model, a.svd, svf)
     initial = init_expert(model, info.fingerprint, svf, torch.Generator().manual_seed(a.seed))
@@ -89,7 +91,8 @@ def main() -> None:
     result, adapter = train_svf_expert(model, tokenizer, initial, a.task, train, val, loop, objective, work / "train",
                                        resume=True, eval_batch_size=32,
                                        progress=lambda m: print(f"step {m['step']}: reward {m['reward']:+.3f}, "
-                                                                f"mixed {m['mixed_reward_fraction']:.2f}", flush=True))
+                                                                f"mixed {m['mixed_reward_fraction']:.2f}, "
+                                                                f"entropy {m['entropy']:.3f}", flush=True))
     adapter.load_state(result.best_state)
     expert = adapter.to_expert({"task": a.task, "best_step": result.best_step})
     expert.save(work / "expert")
@@ -102,7 +105,8 @@ def main() -> None:
     metric = base["headline"]["metric"]
     out = {"task": a.task, "settings": {**vars(a), "loop": vars(loop), "objective": vars(objective)},
            "validations": result.validations, "best_step": result.best_step, "movement": movement,
-           "curve": [{k: h.get(k) for k in ("step", "reward", "accuracy", "mixed_reward_fraction", "grad_norm")}
+           "curve": [{k: h.get(k) for k in ("step", "reward", "accuracy", "mixed_reward_fraction", "entropy", "kl",
+                                                   "grad_norm")}
                      for h in result.history],
            "test": {"metric": metric,
                     "base": {**cell_statistics(base_samples, metric), **answer_spread(base_samples),
@@ -110,7 +114,10 @@ def main() -> None:
                     "svf": {**cell_statistics(svf_samples, metric, base_samples), **answer_spread(svf_samples),
                             "seconds": svf_cell["seconds"]}},
            "train_seconds": result.seconds}
-    path = Path(a.out or Path(__file__).parent / "results" / f"rl_signal_{a.task}{'_kl' + str(a.kl_coef) if a.kl_coef else ''}.json")
+    suffix = "".join(f"_{name}{value:g}" for name, value, default in (("lr", a.lr, 3e-2), ("kl", a.kl_coef, 0.0),
+                                                                        ("entropy", a.entropy_coef, 0.0))
+                     if value != default)
+    path = Path(a.out or Path(__file__).parent / "results" / f"rl_signal_{a.task}{suffix}.json")
     atomic_write_json(path, out)
     t = out["test"]
     print(f"\n{a.task}: validation base {result.base_val_accuracy:.3f} -> best {result.best_val_accuracy:.3f} "

@@ -17,7 +17,7 @@ from transformer2.identity import run_fingerprint
 
 PER_TASK = ("tasks", "overrides")  # list-level keys: a unit of one task does not read them
 EXECUTION_ONLY = ("checkpoint_every",)  # resuming gives the same result, whatever the interval
-REINFORCE_ONLY = ("kl_coef", "do_sample", "temperature", "samples_per_prompt", "baseline")
+REINFORCE_ONLY = ("kl_coef", "entropy_coef", "do_sample", "temperature", "samples_per_prompt", "baseline")
 EVAL_CELL_KEYS = ("style", "limit", "batch_size", "num_fewshot", "apply_chat_template", "max_gen_toks")
 DISPATCH_KEYS = ("dispatch_mode", "dispatch_max_new_tokens")
 CELL_KINDS_BY_STAGE = {"eval-base": "base", "eval-svf": "svf", "eval-lora": "lora", "eval-prompt": "prompt",

@@ -95,6 +95,38 @@ def test_uniform_rewards_give_no_signal_with_a_baseline(tmp_path, monkeypatch):
     assert all(z.grad is None or z.grad.abs().sum() == 0 for z in adapter.trainable())
 
 
+def test_the_entropy_bonus_is_the_only_gradient_when_rewards_are_uniform(tmp_path, monkeypatch):
+    """A collapsed policy (all k rewards equal) gets no policy gradient; with β > 0 the gradient is
+    β · ∇ mean entropy, and a small step along it spreads the answers (entropy rises)."""
+    from transformer2.rl import mean_entropy
+
+    model, tokenizer, expert = svf_model(tmp_path)
+    adapter = SVFAdapter(model, expert)
+    monkeypatch.setattr("transformer2.tasks.score_batch", lambda task, docs, texts, **k: [False] * len(texts))
+    cfg = RLObjectiveConfig(max_new_tokens=4, do_sample=True, samples_per_prompt=2, baseline="rloo", entropy_coef=0.5)
+    m = reinforce_objective(model, tokenizer, adapter, "gsm8k", cfg)(DOCS[:2])
+    assert m["mixed_reward_fraction"] == 0 and m["entropy"] > 0
+    grads = {n: z.grad.clone() for n, z in adapter.live.items()}
+    assert any(g.abs().sum() > 0 for g in grads.values())
+    with adapter.inference():
+        ro = rollout(model, tokenizer, [p for p in chat_prompts(tokenizer, "gsm8k", DOCS[:2]) for _ in range(2)],
+                     max_new_tokens=4, do_sample=True)
+
+    def entropy() -> float:
+        with torch.no_grad():
+            logits = completion_logits(model, ro)
+            return float(mean_entropy(logits, token_logprobs(logits, ro)[1]))
+
+    before = entropy()
+    with torch.no_grad():
+        for n, z in adapter.live.items():
+            z -= 1e-2 * grads[n] / max(g.norm() for g in grads.values())  # descend the loss −β·H
+    assert entropy() > before
+    off = reinforce_objective(model, tokenizer, adapter, "gsm8k", RLObjectiveConfig(
+        max_new_tokens=4, do_sample=True, samples_per_prompt=2, baseline="rloo"))(DOCS[:2])
+    assert off["entropy"] > 0  # measured (without a gradient) when β = 0
+
+
 def test_one_greedy_sample_without_baseline_is_the_reference_estimator(tmp_path, monkeypatch):
     """k = 1, baseline none: the gradient of −mean_i r_i Σ_t log π(y_it), exactly as before."""
     model, tokenizer, expert = svf_model(tmp_path)

@@ -163,6 +163,7 @@ def _loop_fields(d: LoopConfig, micro_batch_size: int) -> dict[str, Any]:
 def _reinforce_fields(d: RLObjectiveConfig) -> dict[str, Any]:
     return {
         "kl_coef": (float, Field(default=d.kl_coef, ge=0)),
+        "entropy_coef": (float, Field(default=d.entropy_coef, ge=0)),
         "max_new_tokens": (int, Field(default=d.max_new_tokens, ge=1)),
         "do_sample": (bool, d.do_sample),
         "temperature": (float, Field(default=d.temperature, gt=0)),
@@ -213,7 +214,7 @@ class _LoopMethods:
 class _ReinforceMethods(_LoopMethods):
     def objective_config(self, micro_batch_size: Optional[int] = None) -> RLObjectiveConfig:
         """REINFORCE's settings (`rl.reinforce_objective`)."""
-        return RLObjectiveConfig(kl_coef=self.kl_coef, max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
+        return RLObjectiveConfig(kl_coef=self.kl_coef, entropy_coef=self.entropy_coef, max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
                                  temperature=self.temperature,
                                  micro_batch_size=micro_batch_size or self.micro_batch_size,
                                  samples_per_prompt=self.samples_per_prompt, baseline=self.baseline)

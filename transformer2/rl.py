@@ -1,12 +1,14 @@
 """REINFORCE with a KL penalty, as in the paper (§2 of paper-notes), readable top to bottom.
 
-    loss = −mean_ij[ A_ij · Σ_t log π_W'(y_ijt | x_i, y_ij<t) ] + λ · KL(π_W' ‖ π_W) on answer tokens
+    loss = −mean_ij[ A_ij · Σ_t log π_W'(y_ijt | x_i, y_ij<t) ] + λ · KL(π_W' ‖ π_W) − β · H(π_W') on answer tokens
 
 for k completions y_i1..y_ik of each prompt x_i, with r ∈ {+1, −1} from the task's scorer and
 the advantage A = r − b_i. The reference is k = 1, greedy, b = 0 (`baseline: none`). A small
 model that gets almost every prompt wrong gets no signal from that (every r = −1 just pushes
 all answers down); k sampled answers with a per-prompt baseline (`mean` of the k rewards, or
 `rloo`: the mean of the other k − 1) reward the answers better than their siblings instead.
+A small policy that finds one answer that scores collapses onto it (every sample identical, so
+every advantage 0); β > 0 (`entropy_coef`, reference 0) pays for keeping its answers spread.
 One step: rollout (frozen adapted weights, KV cache) → score → log-probs with gradients → loss → backward.
 """
 from __future__ import annotations
@@ -45,6 +47,13 @@ def kl_to_base(logits: torch.Tensor, base_logits: torch.Tensor, mask: torch.Tens
     return (kl * mask).sum() / mask.sum().clamp_min(1)
 
 
+def mean_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over answer tokens of the policy's entropy over the vocabulary: it falls to 0 when
+    the k samples of every prompt become one answer (no reward differences, no gradient)."""
+    logp = F.log_softmax(logits, dim=-1)
+    return (-(logp.exp() * logp).sum(-1) * mask).sum() / mask.sum().clamp_min(1)
+
+
 def advantages(rewards: torch.Tensor, baseline: str) -> torch.Tensor:
     """A = r − b per prompt, for rewards (prompts, k): b = 0 (none), the prompt's mean reward
     (mean), or the mean of its other k − 1 rewards (rloo: leave-one-out, unbiased)."""
@@ -75,7 +84,7 @@ def reinforce_objective(model, tokenizer, adapter: Adapter, task: str, cfg: RLOb
     prompts_per_chunk = max(1, cfg.micro_batch_size // k)
 
     def objective(docs: Sequence[dict]) -> dict:
-        totals = dict(reward=0.0, kl=0.0, completion_tokens=0, mixed=0, nonzero=0, abs_adv=0.0,
+        totals = dict(reward=0.0, kl=0.0, entropy=0.0, completion_tokens=0, mixed=0, nonzero=0, abs_adv=0.0,
                       seconds_rollout=0.0, seconds_score=0.0, seconds_logprob=0.0, seconds_backward=0.0)
         prompts = chat_prompts(tokenizer, task, docs)
         n = len(docs)
@@ -95,6 +104,12 @@ def reinforce_objective(model, tokenizer, adapter: Adapter, task: str, cfg: RLOb
             logits = completion_logits(model, ro)
             logp, mask = token_logprobs(logits, ro)
             loss = -((logp * mask).sum(1) * adv).sum() / samples
+            if cfg.entropy_coef > 0:
+                entropy = mean_entropy(logits, mask)
+                loss = loss - cfg.entropy_coef * entropy * (len(ro.texts) / samples)
+            else:
+                with torch.no_grad():
+                    entropy = mean_entropy(logits, mask)
             kl = torch.zeros(())
             if cfg.kl_coef > 0:
                 with torch.no_grad(), adapter.disabled():
@@ -109,11 +124,13 @@ def reinforce_objective(model, tokenizer, adapter: Adapter, task: str, cfg: RLOb
             totals["nonzero"] += int((adv != 0).sum())
             totals["abs_adv"] += float(adv.abs().sum())
             totals["kl"] += float(kl.detach()) * len(ro.texts)
+            totals["entropy"] += float(entropy.detach()) * len(ro.texts)
             totals["completion_tokens"] += ro.completion_tokens
             for key, dt in (("rollout", t1 - t0), ("score", t2 - t1), ("logprob", t3 - t2), ("backward", t4 - t3)):
                 totals[f"seconds_{key}"] += dt
         reward = totals["reward"] / samples
-        return {"reward": reward, "accuracy": (reward + 1) / 2, "kl": totals["kl"] / samples, "samples": samples,
+        return {"reward": reward, "accuracy": (reward + 1) / 2, "kl": totals["kl"] / samples,
+                "entropy": totals["entropy"] / samples, "samples": samples,
                 "mixed_reward_fraction": totals["mixed"] / n, "nonzero_advantage_fraction": totals["nonzero"] / samples,
                 "mean_abs_advantage": totals["abs_adv"] / samples, "completion_tokens": totals["completion_tokens"],
                 "rollout_tokens_per_s": totals["completion_tokens"] / max(totals["seconds_rollout"], 1e-9),

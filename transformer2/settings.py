@@ -38,6 +38,7 @@ class RLObjectiveConfig:
     """REINFORCE (`rl.reinforce_objective`)."""
 
     kl_coef: float = 0.0
+    entropy_coef: float = 0.0     # β: loss − β · mean answer-token entropy (reference: 0); against collapse
     max_new_tokens: int = 256
     do_sample: bool = False       # reference: greedy, one sample per prompt
     temperature: float = 1.0
