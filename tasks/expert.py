@@ -52,7 +52,9 @@ def train_expert_task(params: Params, task_name: str, model_dir: str, svd_dir: s
                     run_id=f"{info.fingerprint}|{svf}", progress=progress)
             bar.close()
             adapter.load_state(result.best_state)
-            adapter.save(out_dir, {"best_step": result.best_step, "best_val_accuracy": result.best_val_accuracy})
+            # the expert and its validations as one unit (a kill never leaves one without the other)
+            adapter.save(out_dir, {"best_step": result.best_step, "best_val_accuracy": result.best_val_accuracy},
+                         extra=result.output_files())
         metrics = {"task": task_name, "objective": rl.objective, "base_val_accuracy": result.base_val_accuracy,
                    "best_val_accuracy": result.best_val_accuracy, "best_step": result.best_step,
                    "steps": rl.steps, "val_docs": len(val), "svf_parameters": expert.num_parameters,

@@ -52,7 +52,8 @@ def run_lora_stage(params: Params, task_name: str, model_dir: str, data_dir: str
             adapter.load_state(result.best_state)
             adapter.save(out_dir, {"task": task_name, "objective": s.objective, "base": info.name,
                                    "base_fingerprint": info.fingerprint, "best_step": result.best_step,
-                                   "best_val_accuracy": result.best_val_accuracy})
+                                   "best_val_accuracy": result.best_val_accuracy},
+                         extra=result.output_files())  # the adapter and its validations as one unit
         metrics = {"task": task_name, "kind": "lora", "objective": s.objective,
                    "base_val_accuracy": result.base_val_accuracy, "best_val_accuracy": result.best_val_accuracy,
                    "best_step": result.best_step, "steps": s.steps, "train_docs": len(train),

@@ -317,11 +317,11 @@ def progress_logger(desc: str, steps: int, log: Optional[Callable[[str], None]] 
 
 def record_training_run(result, metrics: dict, out_dir: str, metrics_path: str, curve_path: str,
                         artifact_path: str, stage: StageRun) -> dict:
-    """A finished run's validations (in the output: no timings), curve (for `dvc plots`), output
-    fingerprint, metrics file and MLflow artifacts."""
+    """A finished run's curve (for `dvc plots`), output fingerprint, metrics file and MLflow artifacts. Its
+    validations are in the output already: the stage saves them with the adapter, as one unit
+    (`TrainResult.output_files`)."""
     import mlflow
 
-    write_json(Path(out_dir) / "validations.json", {"validations": result.validations})
     write_curve(curve_path, result.history)
     metrics = record_metrics(metrics_path, {**metrics, "output_fingerprint": tag_output(out_dir)}, stage)
     mlflow.log_artifacts(out_dir, artifact_path=artifact_path)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Mapping, Optional, Protocol
 
 import torch
 
@@ -27,7 +27,7 @@ class Adapter(Protocol):
 
     def inference(self): ...  # context manager: fastest frozen form, for rollouts and validation
 
-    def save(self, folder: str | Path, provenance: dict) -> None: ...
+    def save(self, folder: str | Path, provenance: dict, extra: Optional[Mapping[str, Any]] = None) -> None: ...
 
 
 class NamedTensorsAdapter:
@@ -86,8 +86,9 @@ class SVFAdapter(NamedTensorsAdapter):
         return Expert(self.state(), self.expert.base_fingerprint, self.expert.config,
                       {**self.expert.provenance, **provenance})
 
-    def save(self, folder: str | Path, provenance: dict) -> None:
-        self.to_expert(provenance).save(folder)
+    def save(self, folder: str | Path, provenance: dict, extra: Optional[Mapping[str, Any]] = None) -> None:
+        """The expert (`Expert.save`), with the JSON files of `extra` in the same unit."""
+        self.to_expert(provenance).save(folder, extra)
 
 
 class LoRAAdapter(NamedTensorsAdapter):
@@ -106,13 +107,15 @@ class LoRAAdapter(NamedTensorsAdapter):
     def inference(self) -> Iterator[None]:
         yield
 
-    def save(self, folder: str | Path, provenance: dict) -> None:
+    def save(self, folder: str | Path, provenance: dict, extra: Optional[Mapping[str, Any]] = None) -> None:
         """PEFT's own format (PeftModel.from_pretrained, lm-eval's peft=), written as one unit
-        (`files.atomic_dir`), so a crash never leaves a half-saved adapter."""
+        (`files.atomic_dir`) with provenance.json and the JSON files of `extra` (the run's validations),
+        so a crash never leaves a half-saved adapter."""
         import json
 
-        from .files import atomic_dir
+        from .files import atomic_dir, write_json_files
 
         with atomic_dir(folder) as tmp:
             self.model.save_pretrained(tmp)
             (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+            write_json_files(tmp, extra)

@@ -42,7 +42,7 @@ import torch
 from .generation import left_padding
 from .loglik import continuation_logprobs
 from .errors import UserError
-from .files import atomic_dir, atomic_write_text, load_torch_checkpoint, safetensors_bytes
+from .files import atomic_dir, atomic_write_text, load_torch_checkpoint, safetensors_bytes, write_json_files
 from .settings import CEMConfig
 from .svf import Expert, mix_experts, preserved_svf_state, set_expert
 from .tasks import get_task, reference_answer, score_batch
@@ -321,8 +321,7 @@ class CEMResult:
             (tmp / ALPHA_WEIGHTS).write_bytes(safetensors_bytes({"alpha": torch.tensor(self.alpha, dtype=torch.float32)},
                                                                 {"keys": json.dumps(self.keys), "task": self.task}))
             (tmp / CEM_RESULT).write_text(json.dumps(self.to_dict(timings), indent=2) + "\n")
-            for name, data in (extra or {}).items():
-                (tmp / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            write_json_files(tmp, extra)
         return path / CEM_RESULT
 
     def to_dict(self, timings: bool = True) -> dict:

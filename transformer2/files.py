@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -120,8 +120,22 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_text(data: Any, *, indent: int = 2, sort_keys: bool = True) -> str:
+    """The project's JSON file format: indented, keys sorted (the same data gives the same bytes), newline."""
+    return json.dumps(data, indent=indent, sort_keys=sort_keys) + "\n"
+
+
 def atomic_write_json(path: str | Path, data: Any, *, indent: int = 2, sort_keys: bool = True) -> Path:
-    return atomic_write_text(path, json.dumps(data, indent=indent, sort_keys=sort_keys) + "\n")
+    return atomic_write_text(path, json_text(data, indent=indent, sort_keys=sort_keys))
+
+
+def write_json_files(folder: Path, files: Optional[Mapping[str, Any]]) -> None:
+    """{name: data} as JSON files in `folder`: what a folder artifact's writer adds inside its `atomic_dir`, so
+    that its records (validations, dispatch predictions, shots) are part of the one unit."""
+    for name, data in (files or {}).items():
+        if Path(name).name != name or not name.endswith(".json"):
+            raise ValueError(f"extra file {name!r}: a plain .json file name, no folder")
+        (folder / name).write_text(json_text(data))
 
 
 def atomic_save(path: str | Path, save: Callable[[Path], Any]) -> Path:

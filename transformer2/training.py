@@ -29,6 +29,7 @@ from .settings import LoopConfig
 from .stats import wilson_interval
 
 CHECKPOINT = "checkpoint.pt"
+VALIDATIONS = "validations.json"  # a trained adapter's validation records, saved inside its folder
 Objective = Callable[[list[dict]], dict]  # docs -> metrics (floats); gradients accumulated
 Validate = Callable[[], float]            # accuracy of the adapter in its current state
 Progress = Optional[Callable[[dict], None]]
@@ -45,6 +46,11 @@ class TrainResult:
     seconds: float = 0.0
     resumed_from: int = 0
     val_n: Optional[int] = None  # docs behind each validation accuracy (its records carry ci_low/ci_high)
+
+    def output_files(self) -> dict[str, dict]:
+        """What a stage saves beside the adapter, in the same unit (`Expert.save` / `LoRAAdapter.save` extra):
+        the validation records (no timings, so an identical run writes identical bytes)."""
+        return {VALIDATIONS: {"validations": self.validations}}
 
     def validation_summary(self) -> dict:
         """The base's and the best step's validation accuracy with n and their 95% intervals, for metrics."""

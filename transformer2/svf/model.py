@@ -21,7 +21,7 @@ from torch import nn
 from .config import SVFConfig
 from .layer import SVFLinear
 from ..errors import UserError
-from ..files import atomic_dir, safetensors_bytes
+from ..files import atomic_dir, safetensors_bytes, write_json_files
 
 EXPERT_FORMAT = "transformer2.svf-expert/1"
 WEIGHTS_NAME = "expert.safetensors"
@@ -43,9 +43,10 @@ class Expert:
     def num_parameters(self) -> int:
         return sum(v.numel() for v in self.vectors.values())
 
-    def save(self, folder: str | Path) -> None:
+    def save(self, folder: str | Path, extra: Optional[Mapping[str, Any]] = None) -> None:
         """The folder is written as one unit (`files.atomic_dir`): a crash never leaves the vectors of one
-        run beside the metadata of another. expert.json records the weights' size and SHA256."""
+        run beside the metadata of another. expert.json records the weights' size and SHA256. `extra`:
+        {name: data} JSON files of the same unit (a training run's validations, z_c's dispatch predictions)."""
         meta = {"format": EXPERT_FORMAT, "base_fingerprint": self.base_fingerprint,
                 "svf": self.config.to_dict(), "modules": {k: v.numel() for k, v in self.vectors.items()},
                 "num_parameters": self.num_parameters, "provenance": self.provenance}
@@ -55,6 +56,7 @@ class Expert:
             (tmp / WEIGHTS_NAME).write_bytes(data)
             meta["weights"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
             (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+            write_json_files(tmp, extra)
 
     @classmethod
     def load(cls, folder: str | Path) -> "Expert":
