@@ -1,8 +1,5 @@
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -12,9 +9,9 @@ from transformer2.errors import UserError
 from transformer2.models import load_patched
 from transformer2.runtime import resource_metrics, timed
 from transformer2.svd import load_singular_values
-from transformer2.svf import expert_movement, init_expert
+from transformer2.svf import expert_movement
 
-from .tracking import progress_logger, record_training_run, stage_run, write_json
+from .tracking import progress_logger, record_training_run, stage_run
 
 
 @task(name="train-classifier", cache_policy=NO_CACHE)
@@ -38,12 +35,11 @@ def train_classifier_task(params: Params, model_dir: str, svd_dir: str, data_dir
             val = classifier_docs(data_dir, "validation", cfg.val_per_class, params.seed, cfg.sources,
                                   params.eval.adapt_tasks)
             progress, bar = progress_logger("classifier", cfg.steps, log.info)
-            expert, result = train_classifier_expert(
+            expert, result, start = train_classifier_expert(
                 model, tokenizer, info.fingerprint, svf, train, val, cfg.loop_config(params.seed), cfg.objective_config(),
                 run_dir, resume=resume, eval_batch_size=cfg.eval_batch_size, init_seed=params.seed,
                 progress=progress, mode=cfg.train_mode)
             bar.close()
-            expert.save(out_dir)
             mlflow.log_params({"svf_parameters": expert.num_parameters, "train_docs": len(train),
                                "val_docs": len(val)})
         heldout = heldout_docs(data_dir, params.data.tasks, cfg.heldout_per_task, params.seed)
@@ -52,15 +48,15 @@ def train_classifier_task(params: Params, model_dir: str, svd_dir: str, data_dir
                                                    progress=log.info)
         for png in pngs:
             mlflow.log_artifact(str(png))
-        write_json(Path(out_dir) / "dispatch.json", details)
+        # z_c, its validations and its dispatch predictions as one unit: a kill never leaves a z_c folder
+        # without them, or beside the predictions of another z_c
+        expert.save(out_dir, extra={**result.output_files(), "dispatch.json": details})
         metrics = {"task": "classify", "train_mode": cfg.train_mode, "base_val_accuracy": result.base_val_accuracy,
                    "best_val_accuracy": result.best_val_accuracy, "best_step": result.best_step,
                    "steps": cfg.steps, "train_docs": len(train), "val_docs": len(val),
                    "heldout_docs": len(heldout), "svf_parameters": expert.num_parameters,
                    "resumed_from_step": result.resumed_from, "dispatch": dispatch, **result.validation_summary(),
-                   "movement": expert_movement(expert, init_expert(model, info.fingerprint, svf,  # z_c's start
-                                                                   torch.Generator().manual_seed(params.seed)),
-                                               load_singular_values(svd_dir, info.fingerprint)),
+                   "movement": expert_movement(expert, start, load_singular_values(svd_dir, info.fingerprint)),
                    **resource_metrics(t["seconds"])}
         metrics = record_training_run(result, metrics, out_dir, metrics_path, curve_path, "classifier", stage)
         log.info(f"classifier: validation accuracy base {result.base_val_accuracy:.3f} -> "

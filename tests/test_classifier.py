@@ -77,7 +77,7 @@ def test_train_classifier_expert_runs_the_rl_trainer_on_classify(data_root, tmp_
     from transformer2.models import build_tiny_random, fingerprint
     from transformer2.rl import RLObjectiveConfig
     from transformer2.svd import decompose, load_factors
-    from transformer2.svf import SVFConfig, apply_svf, find_targets
+    from transformer2.svf import SVFConfig, apply_svf, find_targets, init_expert
     from transformer2.training import LoopConfig
 
     model, tokenizer = build_tiny_random("llama")
@@ -88,11 +88,15 @@ def test_train_classifier_expert_runs_the_rl_trainer_on_classify(data_root, tmp_
     apply_svf(model, load_factors(tmp_path / "svd", fp), SVFConfig())
     train = classifier_docs(data_root, "train", per_class=2)
     val = classifier_docs(data_root, "validation", per_class=1)
-    expert, result = train_classifier_expert(
+    expert, result, start = train_classifier_expert(
         model, tokenizer, fp, SVFConfig(), train, val, LoopConfig(steps=1, batch_size=2, eval_every=1),
-        RLObjectiveConfig(max_new_tokens=3), tmp_path / "run", eval_batch_size=3)
+        RLObjectiveConfig(max_new_tokens=3), tmp_path / "run", eval_batch_size=3, init_seed=5)
     assert expert.provenance["task"] == CLASSIFY_TASK and expert.provenance["sources"] == ["arc_easy", "gsm8k", "mbpp"]
     assert set(expert.vectors) == set(names) and result.best_step == 1
+    # `start` is z_c's seeded reference init, untouched by training (the stage measures movement from it)
+    fresh = init_expert(model, fp, SVFConfig(), torch.Generator().manual_seed(5))
+    assert set(start.vectors) == set(names) and all(torch.equal(start.vectors[n], fresh.vectors[n]) for n in names)
+    assert any(not torch.equal(start.vectors[n], result.best_state[n]) for n in names)
     out = evaluate_dispatch(model, tokenizer, val, mode="loglik", classifier=expert)
     assert len(out["pred"]) == 3 and np.array(out["confusion"]).sum() == 3 and out["metrics"]["classifier"]
 
@@ -156,7 +160,7 @@ def test_loglik_training_validates_by_loglik_dispatch_accuracy(data_root, tmp_pa
     model, tokenizer, fp = _patched_tiny(tmp_path)
     train = classifier_docs(data_root, "train", per_class=2)
     val = classifier_docs(data_root, "validation", per_class=2)
-    expert, result = train_classifier_expert(
+    expert, result, _ = train_classifier_expert(
         model, tokenizer, fp, SVFConfig(), train, val, LoopConfig(steps=2, batch_size=3, eval_every=1, lr=0.05),
         RLObjectiveConfig(kl_coef=0.1, micro_batch_size=2), tmp_path / "run", eval_batch_size=4, mode="loglik")
     assert expert.provenance["train_mode"] == "loglik" and len(result.history) == 2

@@ -131,7 +131,8 @@ def loglik_objective(model, tokenizer, adapter, kl_coef: float = 0.0, micro_batc
 def train_classifier_expert(model, tokenizer, base_fingerprint: str, svf_config, train_docs: Sequence[dict],
                             val_docs: Sequence[dict], loop, objective_cfg, run_dir, *, resume: bool = False,
                             eval_batch_size: int = 8, init_seed: int = 0, progress=None, mode: str = "generate"):
-    """Train z_c with REINFORCE on the "classify" pseudo-task; returns (best Expert, TrainResult).
+    """Train z_c with REINFORCE on the "classify" pseudo-task; returns (best Expert, TrainResult, start):
+    `start` is the Expert z_c started from (to measure how far training moved it).
 
     `mode` generate: `rl.train_svf_expert` (decode, score \\boxed{label}); loglik: `loglik_objective`,
     validated by loglik dispatch accuracy. `model` must be SVF-patched; z_c starts from the
@@ -168,7 +169,7 @@ def train_classifier_expert(model, tokenizer, base_fingerprint: str, svf_config,
                   {"task": CLASSIFY_TASK, "train_mode": mode, "best_step": result.best_step,
                    "best_val_accuracy": result.best_val_accuracy, "base_val_accuracy": result.base_val_accuracy,
                    "train_docs": len(train_docs), "sources": sorted({d.get("source", "?") for d in train_docs})})
-    return best, result
+    return best, result, expert  # training copies the start's vectors (set_expert): `expert` is still z_c's start
 
 
 # ---------------------------------------------------------------- dispatch accuracy
