@@ -8,10 +8,13 @@ synthetic questions, said so in the output). Every row decodes exactly --max-new
 (no stop ids; HF gets min_new_tokens), and tokens/s = generated tokens / wall time including
 prefill. Measured in one run, alternating the order of the methods per repeat so that machine
 noise hits all alike: the roofline (best of a 512×576 · 576×1536 matmul; tokens/s = GFLOP/s /
-(2 · parameters)); the engine (`transformer2.decoding.generate`) with base weights, a fixed
+(2 · parameters)); the streaming bandwidth (sum of a 512 MB tensor) and, per batch, the tokens/s
+a step would reach if it only streamed the weights and the rows' KV once (the bound that binds at
+these batch sizes here); the engine (`transformer2.decoding.generate`) with base weights, a fixed
 expert (W' rebuilt) and one z per row, at each batch and at its own choice of batch (all
 prompts, default token budget), and at batch < 4 also without the row padding that batch
-invariance costs; HF `generate` at the same batches; a real workload (every prompt, stopping
+invariance costs, and at batch >= 32 with the LM head as one matmul (before it went in pieces);
+RL rollouts (8 sampled copies of 4 prompts, which prefill once, vs 32 different prompts); HF `generate` at the same batches; a real workload (every prompt, stopping
 at EOS: completion tokens/s of the engine vs HF `generate` in batches, as `generate_texts`
 ran it); log-likelihood scoring (`dispatch.continuation_logprobs`, gold answers after each
 prompt) in forward tokens/s, and lm-eval `loglikelihood` on --arc-docs ARC-Easy docs (their
@@ -31,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from transformer2.decoding import generate
+from transformer2.decoding import generate, kv
 from transformer2.dispatch import continuation_logprobs
 from transformer2.generation import chat_prompts
 from transformer2.models import load_base
@@ -50,6 +53,14 @@ def roofline(threads: int, repeats: int = 20) -> float:
         a @ b
     best = min(_timed(lambda: a @ b) for _ in range(repeats))
     return 2 * 512 * 576 * 1536 / best / 1e9
+
+
+def stream_bandwidth(threads: int, mb: int = 512) -> float:
+    """Best GB/s of summing a tensor far larger than the caches: what streaming the weights and
+    the KV cache through the cores can reach (a decode step reads all of both once)."""
+    a = torch.ones(mb * 2 ** 20 // 4)
+    a.sum()
+    return a.numel() * 4 / min(_timed(a.sum) for _ in range(5)) / 1e9
 
 
 def _timed(fn) -> float:
@@ -116,11 +127,13 @@ def main() -> None:
     row_z = {n: expert.vectors[n] + 0.5 * torch.randn(len(ids), layer.rank, generator=g)
              for n, layer in svf_layers(model).items()}
 
-    def engine(rows, mode, **kw):
+    def engine(rows, mode, head_rows=kv.LM_HEAD_ROWS, **kw):
         set_expert(model, expert if mode == "fixed" else None)
         stats = {}
+        kv.LM_HEAD_ROWS, default_rows = head_rows, kv.LM_HEAD_ROWS
         out = generate(model, ids[:rows], max_new_tokens=N, pad_id=tokenizer.pad_token_id, stats=stats,
                        row_z={n: z[:rows] for n, z in row_z.items()} if mode == "row_z" else None, **kw)
+        kv.LM_HEAD_ROWS = default_rows
         assert all(len(o) == N for o in out)
         return stats
 
@@ -142,6 +155,8 @@ def main() -> None:
         for B in batches:
             methods = [("base", lambda: engine(B, "base")), ("fixed", lambda: engine(B, "fixed")),
                        ("row_z", lambda: engine(B, "row_z"))]
+            if B >= 32:  # the LM head as one matmul, as before it went in pieces
+                methods.append(("base_head_whole", lambda: engine(B, "base", head_rows=10 ** 9)))
             if B < 4:  # rows padded to 4 for batch invariance vs. a plain gemv
                 methods.append(("base_noninv", lambda: engine(B, "base", batch_invariant=False)))
             if B <= args.skip_hf_above:
@@ -158,6 +173,18 @@ def main() -> None:
             print(f"  own choice ({s['slots']} slots) {mode:<6} {s['generated'] / s['seconds']:7.1f} tok/s", flush=True)
         roof.append(roofline(args.threads))
     set_expert(model, None)
+
+    # RL rollouts: k = 8 sampled copies of 4 prompts (copies prefill once) vs 32 different prompts
+    rollouts = {}
+    for name, rows in (("8_copies_of_4", [ids[i] for i in range(4) for _ in range(8)]), ("32_distinct", ids[:32])):
+        s = {}
+        generate(model, rows, max_new_tokens=48, pad_id=tokenizer.pad_token_id, do_sample=True, temperature=0.7,
+                 generator=torch.Generator().manual_seed(0), stats=s)
+        rollouts[name] = {"seconds": round(s["seconds"], 2), "prefill_s": round(s["prefill_s"], 2),
+                          "prefill_tokens": s["prefill_tokens"], "prompts_copied": s["prompts_copied"],
+                          "tokens_per_s": round(s["generated"] / s["seconds"], 1)}
+        print(f"  rollout {name:<14} prefill {s['prefill_s']:.2f} s, {rollouts[name]['tokens_per_s']} tok/s", flush=True)
+    bandwidth = stream_bandwidth(args.threads)
 
     # a real workload: every prompt, stop at EOS; engine (own choice) vs HF in batches of --hf-batch
     stop = sorted({tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)} - {None})
@@ -198,10 +225,20 @@ def main() -> None:
 
     gflops = max(roof)
     roof_tok = gflops * 1e9 / (2 * params)
+    cfg = model.config
+    kv_bytes = 2 * 4 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    context = statistics.mean(len(i) for i in ids[:max(batches)]) + N / 2  # mean keys per row and step
+
+    def memory_bound(B) -> float:
+        """tokens/s if a step took only the time to stream the weights and B rows' KV once."""
+        return B * bandwidth * 1e9 / (4 * params + B * context * kv_bytes)
+
     rows = []
     for (name, B), runs in rates.items():
         rate = statistics.median(s["generated"] / s["seconds"] for s in runs)
         row = {"method": name, "batch": B, "tokens_per_s": round(rate, 2), "share_of_roofline": round(rate / roof_tok, 4)}
+        if isinstance(B, int):
+            row["share_of_memory_bound"] = round(rate / memory_bound(B), 4)
         if name != "hf_generate":
             s = runs[len(runs) // 2]
             row.update(slots=s["slots"], prefill_s=round(s["prefill_s"], 2), decode_s=round(s["decode_s"], 2),
@@ -213,13 +250,17 @@ def main() -> None:
         ("fixed_over_base", by.get(("fixed", B), 0) / by[("base", B)] if ("fixed", B) in by else None),
         ("row_z_over_fixed", by.get(("row_z", B), 0) / by[("fixed", B)] if ("fixed", B) in by else None),
         ("row_z_over_base", by.get(("row_z", B), 0) / by[("base", B)]),
-        ("engine_over_hf", by[("base", B)] / by[("hf_generate", B)] if ("hf_generate", B) in by else None))
+        ("engine_over_hf", by[("base", B)] / by[("hf_generate", B)] if ("hf_generate", B) in by else None),
+        ("head_pieces_over_whole", by[("base", B)] / by[("base_head_whole", B)] if ("base_head_whole", B) in by
+         else None))
         if v is not None}
     result = {
         "model": info.name, "parameters": params, "threads": args.threads, "max_new_tokens": N,
         "prompts": source, "prompt_tokens_mean": round(sum(len(i) for i in ids[:max(batches)]) / max(batches), 1),
         "roofline_gflops": round(gflops, 1), "roofline_gflops_all": [round(x, 1) for x in roof],
-        "roofline_tokens_per_s": round(roof_tok, 1), "rows": rows, "ratios": ratios,
+        "roofline_tokens_per_s": round(roof_tok, 1), "stream_gb_per_s": round(bandwidth, 1),
+        "kv_bytes_per_token": kv_bytes, "memory_bound_tokens_per_s": {B: round(memory_bound(B), 1) for B in batches},
+        "rows": rows, "ratios": ratios, "rollouts": rollouts,
         "stop_at_eos": eos,
         "loglik": {"prompts": len(sp), "forward_tokens": score_tokens, "seconds": round(score_s, 2),
                    "tokens_per_s": round(score_tokens / score_s, 1),
@@ -236,10 +277,18 @@ def main() -> None:
           f"(mean {result['prompt_tokens_mean']} tokens)")
     print(f"roofline {gflops:.1f} GFLOP/s -> {roof_tok:.0f} tok/s at 2·{params / 1e6:.1f}M FLOP/token; "
           f"load average {load_before[0]:.1f} -> {result['loadavg_after'][0]:.1f}")
-    print(f"{'method':<12}{'batch':>6}{'tok/s':>9}{'roofline':>10}{'slots':>7}{'prefill s':>11}{'decode tok/s':>14}")
+    print(f"memory: {bandwidth:.1f} GB/s streamed; a step reads {4 * params / 1e6:.0f} MB of weights + "
+          f"{kv_bytes / 1e3:.1f} kB of KV per row and key ({context:.0f} keys on average) -> bound "
+          + ", ".join(f"{v:.0f} tok/s at {B}" for B, v in result["memory_bound_tokens_per_s"].items()))
+    print(f"{'method':<16}{'batch':>6}{'tok/s':>9}{'roofline':>10}{'mem bound':>10}{'slots':>7}{'prefill s':>11}"
+          f"{'decode tok/s':>14}")
     for r in sorted(rows, key=lambda r: (str(r["batch"]).zfill(4), r["method"])):
-        print(f"{r['method']:<12}{r['batch']!s:>6}{r['tokens_per_s']:>9.1f}{r['share_of_roofline']:>9.1%}"
+        mem = f"{r['share_of_memory_bound']:.1%}" if "share_of_memory_bound" in r else ""
+        print(f"{r['method']:<16}{r['batch']!s:>6}{r['tokens_per_s']:>9.1f}{r['share_of_roofline']:>9.1%}{mem:>10}"
               f"{r.get('slots', ''):>7}{r.get('prefill_s', ''):>11}{r.get('decode_tokens_per_s', ''):>14}")
+    print("rollouts (48 sampled tokens): " + ", ".join(
+        f"{k} {v['tokens_per_s']} tok/s, prefill {v['prefill_s']} s ({v['prompts_copied']} copied)"
+        for k, v in rollouts.items()))
     ll = result["loglik"]
     print(f"log-likelihood scoring: {ll['tokens_per_s']:.1f} forward tok/s ({ll['share_of_roofline']:.1%}), "
           f"{ll['prompts']} prompts, {ll['forward_tokens']} tokens")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -27,10 +26,10 @@ from transformer2.harness import evaluate_task
 from transformer2.models import load_patched
 from transformer2.rl import train_svf_expert
 from transformer2.settings import LoopConfig, RLObjectiveConfig
-from transformer2.stats import cell_statistics, write_samples
+from transformer2.stats import answer_spread as stats_answer_spread, cell_statistics, write_samples
 from transformer2.svd import load_singular_values
 from transformer2.svf import SVFConfig, expert_movement, init_expert
-from transformer2.tasks import load_split
+from transformer2.tasks import get_task, load_split
 
 
 def evaluate(args: dict, task: str, data: Path, limit: int, max_gen_toks: int, out: Path) -> tuple[Path, dict]:
@@ -47,13 +46,16 @@ def evaluate(args: dict, task: str, data: Path, limit: int, max_gen_toks: int, o
     return samples, json.loads(summary.read_text())
 
 
-def answer_spread(samples: Path) -> dict:
-    """The most common completion and its share: a policy that collapsed to one answer ("A" on every
-    multiple-choice doc) can beat a base that fails the format, without learning the task."""
-    texts = [str((row.get("filtered_resps") or row.get("resps") or [""])[0]).strip()
-             for row in map(json.loads, samples.read_text().splitlines())]
-    top, count = Counter(texts).most_common(1)[0]
-    return {"most_common_completion": top[:80], "most_common_share": count / len(texts), "distinct": len(set(texts))}
+def answer_spread(task: str, samples: Path) -> dict:
+    """The stated answers' spread (`stats.answer_spread`): a policy that collapsed onto one option
+    ("B" on every doc) can beat a base that fails the format without learning the task."""
+    t = get_task(task)
+    if t.stated is None:
+        return {}
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    texts = [str((row.get("filtered_resps") or row.get("resps") or [""])[0]) for row in rows]
+    return stats_answer_spread([t.stated(row["doc"], text) for row, text in zip(rows, texts)],
+                               [t.gold(row["doc"]) for row in rows])
 
 
 def main() -> None:
@@ -109,9 +111,9 @@ def main() -> None:
                                                    "grad_norm")}
                      for h in result.history],
            "test": {"metric": metric,
-                    "base": {**cell_statistics(base_samples, metric), **answer_spread(base_samples),
+                    "base": {**cell_statistics(base_samples, metric), **answer_spread(a.task, base_samples),
                              "seconds": base["seconds"]},
-                    "svf": {**cell_statistics(svf_samples, metric, base_samples), **answer_spread(svf_samples),
+                    "svf": {**cell_statistics(svf_samples, metric, base_samples), **answer_spread(a.task, svf_samples),
                             "seconds": svf_cell["seconds"]}},
            "train_seconds": result.seconds}
     suffix = "".join(f"_{name}{value:g}" for name, value, default in (("lr", a.lr, 3e-2), ("kl", a.kl_coef, 0.0),
@@ -123,14 +125,17 @@ def main() -> None:
     print(f"\n{a.task}: validation base {result.base_val_accuracy:.3f} -> best {result.best_val_accuracy:.3f} "
           f"(step {result.best_step}, n={len(val)}); max |z - z0| {movement['z_max_abs_change']:.3f}, "
           f"mean |s'/s - 1| {100 * movement['sigma_mean_rel_change']:.2f}%")
-    print("| cell | n | accuracy | 95% CI | Δ vs base | 95% CI | p (McNemar) | most common answer (share) |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print("| cell | n | accuracy | 95% CI | Δ vs base | 95% CI | p (McNemar) | most common answer: share "
+          "(a constant answer's accuracy) | no answer |\n|---|---|---|---|---|---|---|---|---|")
     for name in ("base", "svf"):
         c = t[name]
         delta = (f"{100 * c['delta_vs_base']:+.1f} | [{100 * c['delta_ci_low']:+.1f}, {100 * c['delta_ci_high']:+.1f}]"
                  f" | {c['p_value']:.2g}") if "delta_vs_base" in c else "– | – | –"
+        spread = (f"{c['most_common_answer']}: {100 * c['most_common_share']:.0f}% "
+                  f"({100 * c['constant_answer_accuracy']:.1f}) | {100 * c['no_answer_share']:.0f}%"
+                  if "most_common_answer" in c else "– | –")
         print(f"| {name} | {c['n']} | {100 * c['accuracy']:.1f} | [{100 * c['ci_low']:.1f}, {100 * c['ci_high']:.1f}] "
-              f"| {delta} | {c['most_common_completion'][:20]!r} ({100 * c['most_common_share']:.0f}%) |")
+              f"| {delta} | {spread} |")
     print(f"-> {path}")
 
 

@@ -153,3 +153,19 @@ def test_cell_statistics_carries_n_interval_and_delta(tmp_path):
                                                     for i, v in enumerate([0.5, 0.25, 1.0])])
     g = cell_statistics(graded, "f1,none")
     assert g["interval"] == "bootstrap_percentile" and g["ci_low"] <= g["accuracy"] <= g["ci_high"]
+
+
+def test_answer_spread_flags_a_constant_answer():
+    from transformer2.stats import answer_spread
+    from transformer2.tasks import get_task
+
+    arc = get_task("arc_easy")
+    doc = {"question": "q", "choices": {"text": ["a", "b", "c", "d"], "label": ["1", "2", "3", "4"]}, "answerKey": "2"}
+    assert arc.gold(doc) == "B" and arc.stated(doc, "Think... the answer is (B).") == "B"
+    assert arc.stated(doc, "no idea") is None
+    s = answer_spread(["B", "B", "B", None], ["A", "B", "B", "C"])
+    assert s == {"most_common_answer": "B", "most_common_share": 0.75, "no_answer_share": 0.25, "distinct_answers": 1,
+                 "constant_answer_accuracy": 0.5}
+    assert answer_spread([None, None], ["A", "B"])["constant_answer_accuracy"] == 0.0
+    with pytest.raises(ValueError):
+        answer_spread(["A"], [])

@@ -170,6 +170,22 @@ def compare(reference: Sequence[float], system: Sequence[float], *, seed: int = 
 
 # ------------------------------------------------------------------ eval cells' per-sample outputs
 
+def answer_spread(stated: Sequence[Optional[str]], gold: Sequence[str]) -> dict:
+    """How concentrated the stated answers are. A policy that collapsed onto one option ("B" on
+    every doc) scores that option's share of gold answers without reading a question: a cell's
+    gain means little when its accuracy is near `constant_answer_accuracy`."""
+    n = len(stated)
+    if n == 0 or n != len(gold):
+        raise ValueError(f"answer_spread needs one gold per stated answer (got {n} and {len(gold)})")
+    counts: dict[Optional[str], int] = {}
+    for a in stated:
+        counts[a] = counts.get(a, 0) + 1
+    top, count = max(((a, c) for a, c in counts.items() if a is not None), key=lambda x: x[1], default=(None, 0))
+    return {"most_common_answer": top, "most_common_share": count / n, "no_answer_share": counts.get(None, 0) / n,
+            "distinct_answers": len([a for a in counts if a is not None]),
+            "constant_answer_accuracy": sum(g == top for g in gold) / n if top is not None else 0.0}
+
+
 def write_samples(path: str | Path, samples: dict[str, list[dict]]) -> None:
     """lm-eval's per-sample outputs ({subtask: rows}) as one JSON Lines file, each row tagged with its
     subtask: the file `read_samples` and `pair_samples` read."""

@@ -49,6 +49,14 @@ def question(doc: dict) -> str:
     return f"{doc['question']}\nOptions:\n{options}"
 
 
+def stated(doc: dict, completion: str) -> Optional[str]:
+    return extract_choice(completion, arc_letters(doc))
+
+
+def gold(doc: dict) -> str:
+    return arc_letters(doc)[_gold(doc)]
+
+
 def reference_answer(doc: dict) -> str:
     return f"The answer is ({arc_letters(doc)[_gold(doc)]})."
 
@@ -65,7 +73,7 @@ SYSTEM_PROMPT = ("The following are multiple choice questions. Think step by ste
 def _arc(name: str, title: str, config: str, splits: tuple[str, ...], make_splits) -> Task:
     return register(Task(
         name=name, title=title, category="reasoning", system_prompt=SYSTEM_PROMPT, question=question,
-        reference_answer=reference_answer, score=score, choices=choices,
+        reference_answer=reference_answer, score=score, choices=choices, stated=stated, gold=gold,
         source=Source(splits, "allenai/ai2_arc", config), make_splits=make_splits,
         harness=HarnessMapping(name, "acc_norm,none", {name: HarnessTask(f"arc/{name}.yaml")}),
     ))

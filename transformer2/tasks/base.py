@@ -99,6 +99,9 @@ class Task:
     make_splits: Callable[[dict[str, list[Doc]]], Splits] = official
     checks: Optional[Callable[[Doc, str], dict]] = None  # code tasks: `sandbox.run_tests` arguments (candidate, tests, ...)
     choices: Optional[Callable[[Doc], tuple[list[str], int]]] = None  # multiple choice: option continuations, gold
+    # the answer a completion states and the gold one (multiple choice: letters), for `stats.answer_spread`
+    stated: Optional[Callable[[Doc, str], Optional[str]]] = None
+    gold: Optional[Callable[[Doc], str]] = None
     max_new_tokens: int = 512  # paper-style generation length (the reference's)
     subsets: tuple[Subset, ...] = ()
     subset_column: Optional[str] = None  # the column that names a doc's subset
