@@ -8,12 +8,12 @@ from prefect.cache_policies import NO_CACHE
 
 from transformer2.cells import TWO_PASS_KINDS
 from transformer2.config import Params
-from transformer2.harness import cache_files, evaluate_task
+from transformer2.harness.cell import CELL_RESULTS, cache_files, evaluate_task, save_cell
 from transformer2.runtime import resource_metrics, timed
 from transformer2.identity import file_bytes, run_fingerprint
-from transformer2.stats import PairingError, cell_statistics, write_samples
+from transformer2.stats import PairingError, cell_statistics
 
-from .tracking import METHODS, cell_metrics, log_inputs, record_metrics, stage_run, write_json
+from .tracking import METHODS, cell_metrics, log_inputs, record_metrics, stage_run
 
 
 def model_args(kind: str, model_dir: str, svd_dir: str, adapter_dir: str | None) -> dict:
@@ -150,10 +150,8 @@ def evaluate_cell_task(params: Params, kind: str, task_name: str, args: dict, da
                                 device=params.model.device, dtype=params.model.dtype, seed=params.seed,
                                 response_cache=cache)
         out_path = Path(out_dir)
-        write_json(out_path / "results.json", {"results": out["results"], "n_samples": out["n_samples"]})
+        samples = save_cell(out_path, out)  # results.json and samples.jsonl as one unit
         n_docs = sum(len({row.get("doc_id") for row in rows}) for rows in out["samples"].values())
-        samples = out_path / "samples.jsonl"
-        write_samples(samples, out["samples"])
         metrics = {"kind": kind, "task": task_name, "lm_eval_task": out["task"], "style": ev.style,
                    "limit": ev.limit, "n_docs": n_docs, "metric": out["headline"]["metric"], "value": out["headline"]["value"],
                    "metrics": out["metrics"], **sample_statistics(samples, out["headline"]["metric"], base_samples,
@@ -164,7 +162,7 @@ def evaluate_cell_task(params: Params, kind: str, task_name: str, args: dict, da
         mlflow.set_tag("metric", headline)
         metrics = record_metrics(metrics_path, metrics, stage, logged=logged)
         mlflow.log_artifact(str(samples), artifact_path="samples")
-        mlflow.log_artifact(str(out_path / "results.json"), artifact_path="samples")
+        mlflow.log_artifact(str(out_path / CELL_RESULTS), artifact_path="samples")
         for db in cache_files(cache) if cache is not None else []:
             db.unlink()  # results are written: a later rerun (dvc repro -f) recomputes and re-times everything
         log.info(f"{kind} on {task_name}: {out['headline']['metric']} = {out['headline']['value']:.4f}")

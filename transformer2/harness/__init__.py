@@ -10,7 +10,7 @@
 - `cell`: one (model, task) evaluation with a resumable response cache;
 - `cli`: lm-eval's command line with all of the above; `functions`: what the YAMLs name.
 """
-from .cell import cache_files, cached_responses, evaluate_task
+from .cell import cache_files, cached_responses, evaluate_task, save_cell
 from .cli import cli_main
 from .errors import HarnessError
 from .model import AdaptationStats, Transformer2LM
@@ -19,4 +19,4 @@ from .task_configs import (GENERATED, PAPER_GROUP, STYLES, headline_metric, lm_e
 
 __all__ = ["GENERATED", "PAPER_GROUP", "STYLES", "AdaptationStats", "HarnessError", "Transformer2LM",
            "cache_files", "cached_responses", "cli_main", "evaluate_task", "headline_metric", "lm_eval_task_name",
-           "read_task_yaml", "task_config_dir"]
+           "read_task_yaml", "save_cell", "task_config_dir"]

@@ -53,6 +53,23 @@ def evaluate_task(model_args: Mapping[str, Any], task: str, *, data_root: Option
             "n_samples": out.get("n-samples", {}).get(name, {}), "cached_responses": cached}
 
 
+CELL_RESULTS, CELL_SAMPLES = "results.json", "samples.jsonl"
+
+
+def save_cell(folder: str | Path, out: Mapping[str, Any]) -> Path:
+    """A cell's output (`evaluate_task`'s results and per-sample outputs, no timings) as one unit
+    (`files.atomic_dir`): a kill never leaves the results of one run beside the samples of another.
+    Returns the samples file."""
+    from ..files import atomic_dir, atomic_write_json
+    from ..stats import write_samples
+
+    folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        atomic_write_json(tmp / CELL_RESULTS, {"results": out["results"], "n_samples": out["n_samples"]})
+        write_samples(tmp / CELL_SAMPLES, out["samples"])
+    return folder / CELL_SAMPLES
+
+
 def cache_files(response_cache: str | Path) -> list[Path]:
     """The sqlite files lm-eval writes for `use_cache=response_cache` (one per rank)."""
     base = Path(response_cache)
