@@ -1,7 +1,8 @@
 """Atomic artifacts, kill-and-resume and determinism (issue 15, items 5 and 6), on the tiny profile through
-library calls: a run SIGKILLed at a random point and resumed ends with the same bytes as an uninterrupted run;
-damaged cache files are recomputed; two runs of the same params and seed write byte-identical experts,
-adapters, CEM mixes and metrics (timings excluded)."""
+library calls: a run SIGKILLed at a random point and resumed ends with the same bytes as an uninterrupted run
+(decompose, an SVF expert, a LoRA adapter, the classifier z_c, a CEM search, an evaluation cell), each saved
+as its stage saves it; damaged cache files are recomputed; two runs of the same params and seed write
+byte-identical experts, adapters, CEM mixes and metrics (timings excluded)."""
 import hashlib
 import json
 import os
@@ -63,6 +64,24 @@ def test_atomic_dir_keeps_the_old_folder_on_error(tmp_path):
     assert not (target / "b.json").exists() and not temp_siblings(target)
 
 
+def test_an_adapters_records_are_part_of_its_one_unit(tmp_path):
+    """validations.json (and z_c's dispatch.json, CEM's shots.json) are written inside the adapter's atomic_dir:
+    a save that fails while writing them leaves the previous folder whole, records and weights of one run."""
+    import torch
+
+    from transformer2.svf import Expert, SVFConfig
+
+    folder = tmp_path / "expert"
+    Expert({"m": torch.ones(3)}, "fp", SVFConfig(), {"run": 1}).save(folder, extra={"validations.json": {"v": [1]}})
+    before = files(folder)
+    assert set(before) == {"expert.json", "expert.safetensors", "validations.json"}
+    with pytest.raises(TypeError):  # not JSON: fails inside the unit, after the new weights were written
+        Expert({"m": torch.zeros(3)}, "fp", SVFConfig(), {"run": 2}).save(folder, extra={"validations.json": {1j}})
+    assert files(folder) == before and not temp_siblings(folder)
+    with pytest.raises(ValueError, match="plain .json file name"):
+        Expert({"m": torch.zeros(3)}, "fp", SVFConfig()).save(folder, extra={"../validations.json": {}})
+    assert files(folder) == before
+
 def test_model_stage_writes_one_portable_unit(tiny_model_dir, tmp_path):
     """checkpoint/ and model.json as one folder, the checkpoint named relative to it: a copy loads its own."""
     from transformer2.models import ModelError, ModelInfo, load_base
@@ -122,13 +141,64 @@ def test_decompose_killed_and_resumed_gives_the_same_cache(tiny_project, tmp_pat
 
 @pytest.mark.slow  # three interpreters with torch and a tiny model: ~290 s on 2 loaded cores
 def test_expert_training_killed_and_resumed_gives_the_same_expert(tiny_project, tmp_path):
-    import torch
-
     whole, resumed = uninterrupted_and_resumed("expert", tiny_project, tmp_path, 0.5, (1, 3), "expert")
     assert files(whole / "expert") == files(resumed / "expert")
+    assert "validations.json" in files(whole / "expert")  # saved inside the expert's one unit
+    same_final_state_and_history(whole, resumed)
+
+
+def same_final_state_and_history(whole: Path, resumed: Path) -> None:
+    """The adapter after the last step (not only the best one), the per-step metrics (timings excluded) and the
+    validations are those of the uninterrupted run, and the second run did resume from a checkpoint."""
+    import torch
+
     a, b = (torch.load(d / "final_state.pt") for d in (whole, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (whole / "history.json").read_text() == (resumed / "history.json").read_text()
+    assert json.loads((whole / "run.json").read_text())["resumed_from"] == 0
+    assert json.loads((resumed / "run.json").read_text())["resumed_from"] >= 1
+
+
+@pytest.mark.slow  # three interpreters with torch and a tiny model: ~60 s on 2 loaded cores
+def test_lora_training_killed_and_resumed_gives_the_same_adapter(tiny_project, tmp_path):
+    """Next-token LoRA with dropout: the checkpoint carries the optimiser, the cosine schedule and the RNG."""
+    whole, resumed = uninterrupted_and_resumed("lora", tiny_project, tmp_path, 0.5, (1, 3), "lora")
+    assert files(whole / "lora") == files(resumed / "lora")
+    assert {"adapter_model.safetensors", "validations.json"} <= set(files(whole / "lora"))
+    same_final_state_and_history(whole, resumed)
+
+
+@pytest.mark.slow  # ~70 s on 2 loaded cores
+def test_classifier_training_killed_and_resumed_gives_the_same_zc(tiny_project, tmp_path):
+    whole, resumed = uninterrupted_and_resumed("classifier", tiny_project, tmp_path, 0.5, (1, 3), "classifier")
+    assert files(whole / "classifier") == files(resumed / "classifier")
+    assert "validations.json" in files(whole / "classifier")
+    # z_c's start (what the stage measures movement from) is the seeded init whether or not the run resumed
+    assert files(whole / "start") == files(resumed / "start")
+    assert (whole / "history.json").read_text() == (resumed / "history.json").read_text()
+    assert json.loads((resumed / "run.json").read_text())["resumed_from"] >= 1
+
+
+@pytest.mark.slow  # ~60 s on 2 loaded cores
+def test_cem_killed_and_resumed_gives_the_same_mix(tiny_project, tmp_path):
+    """The real search on the tiny model (two experts, ARC shots), killed after a random generation."""
+    whole, resumed = uninterrupted_and_resumed("cem", tiny_project, tmp_path, 0.5, (1, 3), "cem")
+    assert files(whole / "cem") == files(resumed / "cem")  # alpha, cem.json with its history, shots.json
+    assert json.loads((whole / "run.json").read_text())["resumed_from"] == 0
+    assert json.loads((resumed / "run.json").read_text())["resumed_from"] >= 1
+
+
+@pytest.mark.slow  # ~90 s on 2 loaded cores
+def test_eval_cell_killed_and_resumed_gives_the_same_results(tiny_project, tmp_path):
+    """An SVF cell on ARC-Easy (6 docs, 24 loglikelihood requests) killed while lm-eval fills its response
+    cache: the rerun takes the cached responses, computes the rest, and writes the same results and samples."""
+    whole, resumed = uninterrupted_and_resumed("eval", tiny_project, tmp_path, 0.2, (2, 20), "cell")
+    assert files(whole / "cell") == files(resumed / "cell")
+    assert set(files(whole / "cell")) == {"results.json", "samples.jsonl"}
+    first, second = (json.loads((d / "run.json").read_text()) for d in (whole, resumed))
+    assert first == {"cached_responses": 0, "computed_responses": 24}
+    assert second["cached_responses"] >= 1 and second["cached_responses"] + second["computed_responses"] == 24
+    assert not list((resumed / "run").iterdir())  # the cache goes once the cell is written
 
 
 @pytest.mark.slow
