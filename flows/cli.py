@@ -8,6 +8,7 @@ tracebacks and raises, and the last unexpected error's traceback is kept in $PRE
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -33,7 +34,7 @@ STAGE_HELP = {
               "of the current dvc.yaml and params",
 }
 TRACKED = {"model", "data", "decompose", "report", "train-expert", "train-lora", "classifier", "cem", "eval",
-           "pipeline", "serve"}  # commands that log to MLflow
+           "pipeline", "serve", "repro"}  # commands that log to MLflow
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--params", default="params.yaml")
     s.add_argument("--no-dvc", action="store_true", help="run the stage flows in-process, without DVC")
     s.add_argument("--parallel", action="store_true", help="with --no-dvc: train the experts concurrently")
+    s = sub.add_parser("repro", help="`dvc repro` with one Prefect server for all its stages (any dvc repro "
+                       "arguments, e.g. `t2 repro expert@gsm8k`, `t2 repro -f`)",
+                       description="Runs `dvc repro ARGS` with one local Prefect server for the whole run (or the "
+                       "one PREFECT_API_URL points at): every stage's flow talks to it instead of starting a "
+                       "temporary server, and is tagged t2-pipeline:<id>. The server stops at the end.")
     s = sub.add_parser("serve", help="serve the pipeline flow for the Prefect UI (runs until stopped)")
     s.add_argument("--params", default="params.yaml")
     when = s.add_mutually_exclusive_group()
@@ -164,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
             return cli_main(argv[1:])
         except UserError as err:
             return _fail(str(err))
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "repro":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.dvc_args, args.params = extra, getattr(args, "params", "params.yaml")
 
     from transformer2.errors import UserError
 
@@ -186,48 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{layout.STAGE_PARAMS_DIR}/: {len(changed)} {verb}" + (f": {', '.join(changed)}" if changed else ""))
             return 0
         _check_before_start(args, params)
-        if not args.debug:
-            import prefect.main  # noqa: F401  (configures logging; the filter goes on its console handler)
-
-            _quiet_prefect_errors()
-        if args.command == "pipeline":
-            from .pipeline import pipeline_flow
-
-            pipeline_flow(params_path=args.params, use_dvc=not args.no_dvc, parallel=args.parallel)
-        elif args.command == "serve":
-            from prefect.settings import get_current_settings
-
-            if not get_current_settings().api.url:
-                return _fail("`t2 serve` needs a Prefect server (a temporary one schedules nothing): run "
-                             "`prefect server start --host 127.0.0.1` and "
-                             "`export PREFECT_API_URL=http://127.0.0.1:4200/api`")
-            from .pipeline import pipeline_flow
-
-            pipeline_flow.serve(name=args.name, cron=args.cron, interval=args.interval, limit=1,
-                                parameters={"params_path": args.params})
-        elif args.command == "train-expert":
-            from .stages import expert_flow
-
-            expert_flow(task=args.task, params_path=args.params, resume=args.resume)
-        elif args.command == "train-lora":
-            from .stages import lora_flow
-
-            lora_flow(task=args.task, params_path=args.params, resume=args.resume)
-        elif args.command == "classifier":
-            from .stages import classifier_flow
-
-            classifier_flow(params_path=args.params, resume=args.resume)
-        elif args.command == "cem":
-            from .stages import cem_flow
-
-            cem_flow(task=args.task, params_path=args.params, resume=args.resume)
-        elif args.command == "eval":
-            from .stages import eval_flow
-            eval_flow(kind=args.kind, task=args.task, params_path=args.params)
-        else:
-            from .stages import STAGES
-
-            STAGES[args.command](params_path=args.params)
+        with contextlib.ExitStack() as stack:
+            return _run(args, stack)
     except UserError as err:
         if args.debug:
             raise
@@ -245,6 +215,68 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         return _unexpected(err)
+
+
+def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
+    """The command's flow. A pipeline run (`repro`, `pipeline` through DVC) first gets its one Prefect server,
+    exported to its stages before Prefect is imported here; a stage run on its own gets a temporary server
+    that dies with it. Flow runs of a pipeline's stages carry its tag."""
+    from .server import guard_temporary_server, pipeline_server, pipeline_tag
+
+    if args.command == "repro" or (args.command == "pipeline" and not args.no_dvc):
+        stack.enter_context(pipeline_server(log=lambda line: print(line, file=sys.stderr)))
+    if not args.debug:
+        import prefect.main  # noqa: F401  (configures logging; the filter goes on its console handler)
+
+        _quiet_prefect_errors()
+    if args.command != "serve":
+        guard_temporary_server()
+    if pipeline_tag():
+        from prefect import tags
+
+        stack.enter_context(tags(pipeline_tag()))
+    if args.command == "repro":
+        from .pipeline import repro_flow
+
+        repro_flow(dvc_args=args.dvc_args, params_path=args.params)
+    elif args.command == "pipeline":
+        from .pipeline import pipeline_flow
+
+        pipeline_flow(params_path=args.params, use_dvc=not args.no_dvc, parallel=args.parallel)
+    elif args.command == "serve":
+        from prefect.settings import get_current_settings
+
+        if not get_current_settings().api.url:
+            return _fail("`t2 serve` needs a Prefect server (a temporary one schedules nothing): run "
+                         "`prefect server start --host 127.0.0.1` and "
+                         "`export PREFECT_API_URL=http://127.0.0.1:4200/api`")
+        from .pipeline import pipeline_flow
+
+        pipeline_flow.serve(name=args.name, cron=args.cron, interval=args.interval, limit=1,
+                            parameters={"params_path": args.params})
+    elif args.command == "train-expert":
+        from .stages import expert_flow
+
+        expert_flow(task=args.task, params_path=args.params, resume=args.resume)
+    elif args.command == "train-lora":
+        from .stages import lora_flow
+
+        lora_flow(task=args.task, params_path=args.params, resume=args.resume)
+    elif args.command == "classifier":
+        from .stages import classifier_flow
+
+        classifier_flow(params_path=args.params, resume=args.resume)
+    elif args.command == "cem":
+        from .stages import cem_flow
+
+        cem_flow(task=args.task, params_path=args.params, resume=args.resume)
+    elif args.command == "eval":
+        from .stages import eval_flow
+        eval_flow(kind=args.kind, task=args.task, params_path=args.params)
+    else:
+        from .stages import STAGES
+
+        STAGES[args.command](params_path=args.params)
     return 0
 
 

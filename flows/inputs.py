@@ -185,7 +185,6 @@ def _check_lora(folder: Path, fingerprint: str) -> None:
 def check_inputs(command: str, params: Params, task: Optional[str] = None, kind: Optional[str] = None) -> None:
     """Raise one UserError for the first missing or unusable input of `command`, naming the file and the unit
     to run: every input is read as far as it can be without a model (JSON, sizes, columns, fingerprints)."""
-    from transformer2.cem import CEMResult
     from transformer2.tasks import check_split
 
     if command == "model":
@@ -215,6 +214,8 @@ def check_inputs(command: str, params: Params, task: Optional[str] = None, kind:
         elif path.name == "adapter_config.json" and info is not None:
             _check_lora(path.parent, info.fingerprint)
         elif path.name == "cem.json":
+            from transformer2.cem import CEMResult  # (torch: only where a CEM result is read)
+
             result = CEMResult.load(path)
             unknown = sorted(set(result.keys) - set(params.rl.tasks))
             if unknown:

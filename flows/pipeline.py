@@ -26,14 +26,29 @@ from transformer2.errors import UserError
 from . import layout
 from .dag import DVC_FILE, Stage, dag_stages, dvc_file, eval_cells, report_units  # noqa: F401  (the DAG's readers)
 
+def _stream(cmd: list[str], log=None) -> int:
+    """Run `cmd`, its output logged line by line as it comes (`log`), or straight on this terminal; its exit
+    code. On Ctrl-C (which reaches `cmd` too: one process group) wait for it to stop before going on."""
+    piped = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True, "bufsize": 1} if log else {}
+    proc = subprocess.Popen(cmd, **piped)
+    try:
+        for line in proc.stdout if log else ():
+            log.info(line.rstrip("\n"))
+        return proc.wait()
+    finally:
+        if proc.poll() is None:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 @task(name="dvc-repro", cache_policy=NO_CACHE)
 def dvc_repro_task(stage: str) -> None:
-    log = get_run_logger()
-    proc = subprocess.run(["dvc", "repro", "--single-item", stage], capture_output=True, text=True)
-    for line in (proc.stdout + proc.stderr).strip().splitlines()[-20:]:
-        log.info(line)
-    if proc.returncode != 0:
-        raise RuntimeError(f"`dvc repro --single-item {stage}` failed with exit code {proc.returncode}")
+    code = _stream(["dvc", "repro", "--single-item", stage], get_run_logger())
+    if code != 0:
+        raise RuntimeError(f"`dvc repro --single-item {stage}` failed with exit code {code}")
 
 
 @task(name="t2", cache_policy=NO_CACHE)
@@ -47,6 +62,20 @@ def command_task(command: str, params_path: str) -> None:
     code = main(argv[1:] + ["--params", params_path])
     if code:
         raise RuntimeError(f"`{command}` failed with exit code {code}")
+
+
+@flow(name="transformer2-repro", flow_run_name="repro")
+def repro_flow(dvc_args: list[str], params_path: str = str(layout.PARAMS)) -> None:
+    """`t2 repro [dvc repro args]`: one `dvc repro` whose stage processes all use this run's Prefect server
+    (PREFECT_API_URL, set by `t2`) and whose MLflow runs nest under one parent run; DVC's output goes
+    straight to the terminal as it comes (each stage's logs are in its own flow run too)."""
+    from tasks.tracking import pipeline_run
+
+    get_run_logger().info(f"dvc repro {shlex.join(dvc_args)}")
+    with pipeline_run(load_params(params_path), name="repro"):
+        code = _stream(["dvc", "repro", *dvc_args])
+    if code != 0:
+        raise RuntimeError(f"`dvc repro {shlex.join(dvc_args)}` failed with exit code {code}")
 
 
 @flow(name="transformer2-pipeline")
