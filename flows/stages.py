@@ -3,31 +3,55 @@ from __future__ import annotations
 
 from prefect import flow
 
-from transformer2.config import load_params
+from transformer2.config import Params, load_params
+from transformer2.errors import UserError
 
 from . import layout
+
+
+def _retryable(task, task_run, state) -> bool:
+    """Retry an unexpected error, never bad input (`UserError`: the same input fails the same way)."""
+    try:
+        state.result(raise_on_failure=True)
+    except UserError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+def with_retries(task, params: Params):
+    """The stage's task with `execution.retries` (and its delay) from params; a failed attempt's MLflow run
+    ends FAILED and the next attempt starts a new one (resumable stages continue from their checkpoint)."""
+    ex = params.execution
+    if not ex.retries:
+        return task
+    return task.with_options(retries=ex.retries, retry_delay_seconds=ex.retry_delay_s, retry_condition_fn=_retryable)
 
 
 @flow(name="model")
 def model_flow(params_path: str = str(layout.PARAMS)) -> dict:
     from tasks.model import prepare_model_task
 
-    return prepare_model_task(load_params(params_path), str(layout.MODEL_DIR), str(layout.metrics_file("model")))
+    params = load_params(params_path)
+    return with_retries(prepare_model_task, params)(params, str(layout.MODEL_DIR), str(layout.metrics_file("model")))
 
 
 @flow(name="data")
 def data_flow(params_path: str = str(layout.PARAMS)) -> dict:
     from tasks.data import prepare_data_task
 
-    return prepare_data_task(load_params(params_path), str(layout.DATA_DIR), str(layout.metrics_file("data")))
+    params = load_params(params_path)
+    return with_retries(prepare_data_task, params)(params, str(layout.DATA_DIR), str(layout.metrics_file("data")))
 
 
 @flow(name="decompose")
 def decompose_flow(params_path: str = str(layout.PARAMS)) -> dict:
     from tasks.decompose import decompose_task
 
-    return decompose_task(load_params(params_path), str(layout.MODEL_DIR), str(layout.SVD_DIR),
-                          str(layout.metrics_file("decompose")))
+    params = load_params(params_path)
+    return with_retries(decompose_task, params)(params, str(layout.MODEL_DIR), str(layout.SVD_DIR),
+                                                str(layout.metrics_file("decompose")))
 
 
 def expert_args(task: str) -> dict:
@@ -43,7 +67,8 @@ def expert_args(task: str) -> dict:
 def expert_flow(task: str, params_path: str = str(layout.PARAMS), resume: bool = False) -> dict:
     from tasks.expert import train_expert_task
 
-    return train_expert_task(load_params(params_path), resume=resume, **expert_args(task))
+    params = load_params(params_path)
+    return with_retries(train_expert_task, params)(params, resume=resume, **expert_args(task))
 
 
 def lora_args(task: str) -> dict:
@@ -58,14 +83,16 @@ def lora_args(task: str) -> dict:
 def lora_flow(task: str, params_path: str = str(layout.PARAMS), resume: bool = False) -> dict:
     from tasks.lora import train_lora_task
 
-    return train_lora_task(load_params(params_path), resume=resume, **lora_args(task))
+    params = load_params(params_path)
+    return with_retries(train_lora_task, params)(params, resume=resume, **lora_args(task))
 
 
 @flow(name="classifier")
 def classifier_flow(params_path: str = str(layout.PARAMS), resume: bool = False) -> dict:
     from tasks.classifier import train_classifier_task
 
-    return train_classifier_task(load_params(params_path), str(layout.MODEL_DIR), str(layout.SVD_DIR),
+    params = load_params(params_path)
+    return with_retries(train_classifier_task, params)(params, str(layout.MODEL_DIR), str(layout.SVD_DIR),
                                  str(layout.DATA_DIR), str(layout.CLASSIFIER_DIR),
                                  str(layout.CHECKPOINTS_DIR / "classifier"), str(layout.metrics_file("classifier")),
                                  str(layout.PLOTS_DIR / "classifier.csv"), str(layout.PLOTS_DIR / "dispatch"),
@@ -76,7 +103,8 @@ def classifier_flow(params_path: str = str(layout.PARAMS), resume: bool = False)
 def cem_flow(task: str, params_path: str = str(layout.PARAMS), resume: bool = False) -> dict:
     from tasks.cem import cem_task
 
-    return cem_task(load_params(params_path), task, str(layout.MODEL_DIR), str(layout.SVD_DIR), str(layout.DATA_DIR),
+    params = load_params(params_path)
+    return with_retries(cem_task, params)(params, task, str(layout.MODEL_DIR), str(layout.SVD_DIR), str(layout.DATA_DIR),
                     str(layout.EXPERTS_DIR), str(layout.CEM_DIR / task), str(layout.metrics_file(f"cem_{task}")),
                     str(layout.PLOTS_DIR / f"cem_{task}.csv"), run_dir=str(layout.CHECKPOINTS_DIR / f"cem_{task}"),
                     resume=resume)
@@ -110,7 +138,7 @@ def eval_flow(kind: str, task: str, params_path: str = str(layout.PARAMS)) -> di
         args = model_args(kind, str(layout.MODEL_DIR), str(layout.SVD_DIR), str(adapter) if adapter else None)
         if adapter is not None:
             inputs[{"svf": "expert", "lora": "adapter"}[kind]] = str(adapter)
-    return evaluate_cell_task(params, kind, task, args, str(layout.DATA_DIR), str(layout.EVAL_DIR / f"{kind}_{task}"),
+    return with_retries(evaluate_cell_task, params)(params, kind, task, args, str(layout.DATA_DIR), str(layout.EVAL_DIR / f"{kind}_{task}"),
                               str(layout.metrics_file(f"eval_{kind}_{task}")), extra,
                               run_dir=str(layout.CHECKPOINTS_DIR / f"eval_{kind}_{task}"), inputs=inputs,
                               base_samples=None if kind == "base" else str(layout.base_samples(task)))
@@ -124,7 +152,8 @@ def report_flow(params_path: str = str(layout.PARAMS)) -> dict:
     from .dag import dag_stages, eval_cells, report_units
 
     stages = dag_stages(params_path)
-    return report_task(load_params(params_path), str(layout.METRICS_DIR), eval_cells(stages), report_units(stages),
+    params = load_params(params_path)
+    return with_retries(report_task, params)(params, str(layout.METRICS_DIR), eval_cells(stages), report_units(stages),
                        str(layout.REPORTS_DIR / "results.md"), str(layout.PLOTS_DIR / "results.png"),
                        str(layout.RESULTS_FILE))
 

@@ -5,7 +5,7 @@ settings without touching another's. So the `params` stage writes these dicts to
 `stage_params/<unit>.json` and every other stage depends on its own file: DVC reruns a stage
 exactly when what it reads changes (an override of one expert reruns that expert, `rl.kl_coef`
 reruns no LoRA baseline trained with next-token prediction). Keys that only change how a run is
-executed, not its result (checkpoint_every, model.device, tracking), are left out. The same dicts
+executed, not its result (checkpoint_every, model.device, tracking, execution), are left out. The same dicts
 are the MLflow params of each run and the `params_hash` in each metrics file.
 """
 from __future__ import annotations
@@ -98,5 +98,6 @@ def settings_hash(settings: dict) -> str:
 
 
 def params_hash(params: Params) -> str:
-    """The whole validated config (tracking excluded: where runs are logged changes no result)."""
-    return run_fingerprint(params.model_dump(exclude={"tracking"}))
+    """The whole validated config (tracking and execution excluded: where runs are logged and how often a
+    failed task is retried change no result)."""
+    return run_fingerprint(params.model_dump(exclude={"tracking", "execution"}))

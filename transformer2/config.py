@@ -356,6 +356,14 @@ class TrackingParams(Section):
     experiment: str = "transformer2"
 
 
+class ExecutionParams(Section):
+    """How stage tasks run, not what they compute: in no stage's settings, so changing it reruns nothing."""
+    retries: int = Field(default=0, ge=0, le=10)
+    """Prefect retries of a stage's task after an unexpected error (a `t2: error:` of bad input is not
+    retried); resumable stages continue from their checkpoint. A killed process is never retried."""
+    retry_delay_s: float = Field(default=10.0, ge=0, le=3600)
+
+
 class Params(Section):
     seed: int = 0
     task_modules: list[str] = Field(default_factory=list)
@@ -369,6 +377,7 @@ class Params(Section):
     cem: CEMParams = Field(default_factory=CEMParams)
     eval: EvalParams = Field(default_factory=EvalParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
+    execution: ExecutionParams = Field(default_factory=ExecutionParams)
 
     @model_validator(mode="after")
     def _few_shot_needs_cem(self) -> "Params":
