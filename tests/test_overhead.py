@@ -32,3 +32,14 @@ def test_metrics_files_record_overhead(tmp_path, monkeypatch):
         record_metrics(tmp_path / "data.json", {"seconds": 1.0}, second, logged={"seconds": 1.0})
     assert 0.2 <= second.overhead_s < first.overhead_s + 30
     assert second.overhead_s < process_age_s() - first.overhead_s
+
+
+def test_stage_checks_import_nothing_heavy(tmp_path):
+    """`t2 <stage>` checks its inputs before Prefect starts, without torch, MLflow, lm-eval or Prefect (the
+    checks imported torch for every stage: ~2 s before a data or report stage that never uses it)."""
+    (tmp_path / "params.yaml").write_text("{}\n")
+    code = ("import sys; from flows.cli import _parser, _check_before_start; from transformer2.config import "
+            "load_params; _check_before_start(_parser().parse_args(['report']), load_params('params.yaml')); "
+            "print(sorted(m for m in ('torch', 'mlflow', 'lm_eval', 'prefect', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
