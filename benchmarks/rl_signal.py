@@ -1,6 +1,6 @@
 """Does an SVF expert trained with REINFORCE move off the base, and does it beat it on test docs?
 
-    python benchmarks/rl_signal.py --task arc_easy [--steps 24 --batch 4 --samples 8 --temperature 0.7
+    python benchmarks/rl_signal.py --task arc_easy [--steps 24 --batch 4 --samples 8 --baseline rloo --temperature 0.7
         --lr 3e-2 --kl-coef 0 --entropy-coef 0 --max-new-tokens 48 --val 64 --test 300]
 
 One expert is trained on the task's training split and validated on its validation split (never
@@ -26,10 +26,10 @@ from transformer2.harness import evaluate_task
 from transformer2.models import load_patched
 from transformer2.rl import train_svf_expert
 from transformer2.settings import LoopConfig, RLObjectiveConfig
-from transformer2.stats import answer_spread as stats_answer_spread, cell_statistics, write_samples
+from transformer2.stats import cell_statistics, samples_answer_spread, write_samples
 from transformer2.svd import load_singular_values
 from transformer2.svf import SVFConfig, expert_movement, init_expert
-from transformer2.tasks import get_task, load_split
+from transformer2.tasks import load_split
 
 
 def evaluate(args: dict, task: str, data: Path, limit: int, max_gen_toks: int, out: Path) -> tuple[Path, dict]:
@@ -46,18 +46,6 @@ def evaluate(args: dict, task: str, data: Path, limit: int, max_gen_toks: int, o
     return samples, json.loads(summary.read_text())
 
 
-def answer_spread(task: str, samples: Path) -> dict:
-    """The stated answers' spread (`stats.answer_spread`): a policy that collapsed onto one option
-    ("B" on every doc) can beat a base that fails the format without learning the task."""
-    t = get_task(task)
-    if t.stated is None:
-        return {}
-    rows = [json.loads(line) for line in samples.read_text().splitlines()]
-    texts = [str((row.get("filtered_resps") or row.get("resps") or [""])[0]) for row in rows]
-    return stats_answer_spread([t.stated(row["doc"], text) for row, text in zip(rows, texts)],
-                               [t.gold(row["doc"]) for row in rows])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="arc_easy")
@@ -67,7 +55,10 @@ def main() -> None:
     ap.add_argument("--work", default="artifacts/checkpoints/rl_signal")
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--batch", type=int, default=4, help="prompts per step")
-    ap.add_argument("--samples", type=int, default=8, help="sampled completions per prompt (RLOO baseline)")
+    ap.add_argument("--samples", type=int, default=8, help="sampled completions per prompt")
+    ap.add_argument("--baseline", default="rloo", choices=("none", "mean", "rloo"),
+                    help="subtracted from each reward per prompt (none: a prompt whose k answers are all wrong still "
+                         "pushes them down)")
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--lr", type=float, default=3e-2)
     ap.add_argument("--kl-coef", type=float, default=0.0, help="λ of the KL penalty to the base (paper: 0-0.3)")
@@ -84,7 +75,8 @@ def main() -> None:
     loop = LoopConfig(steps=a.steps, batch_size=a.batch, lr=a.lr, eval_every=max(1, a.steps // 4), grad_clip=1.0,
                       seed=a.seed)
     objective = RLObjectiveConfig(max_new_tokens=a.max_new_tokens, do_sample=True, temperature=a.temperature, kl_coef=a.kl_coef,
-                                  entropy_coef=a.entropy_coef, samples_per_prompt=a.samples, baseline="rloo", micro_batch_size=16)
+                                  entropy_coef=a.entropy_coef, samples_per_prompt=a.samples, baseline=a.baseline,
+                                  micro_batch_size=16)
     svf = SVFConfig()
     model, tokenizer, info = load_patched(a.model, a.svd, svf)
     initial = init_expert(model, info.fingerprint, svf, torch.Generator().manual_seed(a.seed))
@@ -111,14 +103,14 @@ def main() -> None:
                                                    "grad_norm")}
                      for h in result.history],
            "test": {"metric": metric,
-                    "base": {**cell_statistics(base_samples, metric), **answer_spread(a.task, base_samples),
+                    "base": {**cell_statistics(base_samples, metric), **(samples_answer_spread(base_samples, a.task) or {}),
                              "seconds": base["seconds"]},
-                    "svf": {**cell_statistics(svf_samples, metric, base_samples), **answer_spread(a.task, svf_samples),
+                    "svf": {**cell_statistics(svf_samples, metric, base_samples), **(samples_answer_spread(svf_samples, a.task) or {}),
                             "seconds": svf_cell["seconds"]}},
            "train_seconds": result.seconds}
     suffix = "".join(f"_{name}{value:g}" for name, value, default in (("lr", a.lr, 3e-2), ("kl", a.kl_coef, 0.0),
                                                                         ("entropy", a.entropy_coef, 0.0))
-                     if value != default)
+                     if value != default) + ("" if a.baseline == "rloo" else f"_{a.baseline}")
     path = Path(a.out or Path(__file__).parent / "results" / f"rl_signal_{a.task}{suffix}.json")
     atomic_write_json(path, out)
     t = out["test"]

@@ -11,7 +11,7 @@ from transformer2.config import Params
 from transformer2.harness.cell import CELL_RESULTS, cache_files, evaluate_task, save_cell
 from transformer2.runtime import resource_metrics, timed
 from transformer2.identity import file_bytes, run_fingerprint
-from transformer2.stats import PairingError, cell_statistics
+from transformer2.stats import PairingError, cell_statistics, samples_answer_spread
 
 from .tracking import METHODS, cell_metrics, log_inputs, record_metrics, stage_run
 
@@ -157,6 +157,8 @@ def evaluate_cell_task(params: Params, kind: str, task_name: str, args: dict, da
                    "metrics": out["metrics"], **sample_statistics(samples, out["headline"]["metric"], base_samples,
                                                                   params.seed, log),
                    **adaptation_metrics(out["adaptation"]), **(extra or {}),
+                   **({"answer_spread": spread} if ev.style == "paper"
+                      and (spread := samples_answer_spread(samples, task_name)) else {}),
                    "resumed_responses": out["cached_responses"], **resource_metrics(t["seconds"])}
         headline, logged = cell_metrics(metrics)
         mlflow.set_tag("metric", headline)

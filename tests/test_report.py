@@ -75,6 +75,22 @@ def test_cells_show_intervals_and_paired_deltas_and_mark_significant_ones(tmp_pa
     assert "| LoRA ARC-Easy | 460,800 | 16 | 64 | 25.0 | 30.0 (8) | – | – | 300 |" in text
 
 
+def test_a_cell_that_answers_one_letter_is_flagged(tmp_path):
+    base = {"kind": "base", "task": "arc_easy", "metric": "exact_match,none", "value": 0.157, "n_docs": 300,
+            "ci95": [0.12, 0.202], "answer_spread": {"most_common_answer": "D", "most_common_share": 0.383,
+                                                      "constant_answer_accuracy": 0.2, "no_answer_share": 0.35,
+                                                      "distinct_answers": 4}}
+    svf = {**base, "kind": "svf", "value": 0.287, "ci95": [0.238, 0.34], "delta_vs_base": 0.13,
+           "delta_ci95": [0.06, 0.199], "p_value": 0.00045,
+           "answer_spread": {"most_common_answer": "B", "most_common_share": 0.903, "constant_answer_accuracy": 0.287,
+                             "no_answer_share": 0.03, "distinct_answers": 3}}
+    for cell in (base, svf):
+        (tmp_path / f"eval_{cell['kind']}_arc_easy.json").write_text(json.dumps(cell))
+    text = build_report(read_cells(tmp_path, [("base", "arc_easy"), ("svf", "arc_easy")]), None, None, None)
+    assert "p = 0.00045 \\***<br>⚠ answers B on 90.3% of docs (that answer alone scores 28.7) |" in text
+    assert text.count("⚠ answers") == 1  # the base's 38% on D is not flagged
+
+
 def test_no_two_pass_cells_no_extra_tables(tmp_path):
     _cell(tmp_path, "base", "math", 0.1)
     text = build_report(read_cells(tmp_path, [("base", "math")]))

@@ -53,6 +53,7 @@ def measured(cells: Cells) -> Cells:
 
 
 SIGNIFICANT = 0.05  # a Δ whose paired test gives p below this is marked
+ONE_ANSWER = 0.5  # a cell whose most common stated answer covers this share of docs is flagged
 
 
 def _pct(x: float, signed: bool = False) -> str:
@@ -77,6 +78,10 @@ def _fmt(cell: Optional[dict], show_n: bool = False) -> str:
         text += f"<br>**{delta} \\***" if cell["p_value"] < SIGNIFICANT else f"<br>{delta}"
     elif cell.get("stats_error") and cell.get("kind") != "base":
         text += "<br>(not paired with base)"
+    spread = cell.get("answer_spread")
+    if spread and spread["most_common_share"] >= ONE_ANSWER:
+        text += (f"<br>⚠ answers {spread['most_common_answer']} on {_pct(spread['most_common_share'])}% of docs "
+                 f"(that answer alone scores {_pct(spread['constant_answer_accuracy'])})")
     return text
 
 
@@ -198,7 +203,9 @@ def build_report(cells: Cells, notes: Mapping[str, str] | None = None, classifie
              "(Wilson, from the per-sample outputs); n = test docs evaluated, the same docs in every cell of a row "
              "(a limit below the full test set is a CPU profile, not a paper number). Under each adapted cell: "
              "Δ vs base on those docs in points, its 95% interval (Newcombe, paired) and the exact McNemar "
-             f"p-value; **bold \\*** marks p < {SIGNIFICANT}.", "",
+             f"p-value; **bold \\*** marks p < {SIGNIFICANT}. ⚠ marks a cell whose most common stated answer "
+             f"(multiple choice: the letter) covers ≥ {ONE_ANSWER:.0%} of docs, with what that one answer would score: "
+             "a gain there can be a policy that learned one letter, not the task.", "",
              table(cells, TABLE1_KINDS, TRAIN_TASKS, "Table 1 — training tasks (base / LoRA / SVF expert)"),
              table(cells, TABLE2_KINDS, UNSEEN_TASKS,
                    "Table 2 — unseen tasks (base → prompt dispatch / classifier expert / few-shot CEM)")]

@@ -186,6 +186,20 @@ def answer_spread(stated: Sequence[Optional[str]], gold: Sequence[str]) -> dict:
             "constant_answer_accuracy": sum(g == top for g in gold) / n if top is not None else 0.0}
 
 
+def samples_answer_spread(samples: str | Path, task: str) -> Optional[dict]:
+    """`answer_spread` of a paper-style cell's per-sample outputs (`write_samples`' format), or None
+    for a task that states no comparable answer (code, free-form maths)."""
+    from .tasks import get_task
+
+    t = get_task(task)
+    if t.stated is None or t.gold is None:
+        return None
+    rows = [json.loads(line) for line in Path(samples).read_text().splitlines() if line.strip()]
+    texts = [str((row.get("filtered_resps") or row.get("resps") or [""])[0]) for row in rows]
+    return answer_spread([t.stated(row["doc"], text) for row, text in zip(rows, texts)],
+                         [t.gold(row["doc"]) for row in rows])
+
+
 def write_samples(path: str | Path, samples: dict[str, list[dict]]) -> None:
     """lm-eval's per-sample outputs ({subtask: rows}) as one JSON Lines file, each row tagged with its
     subtask: the file `read_samples` and `pair_samples` read."""
