@@ -13,7 +13,7 @@ a step would reach if it only streamed the weights and the rows' KV once (the bo
 these batch sizes here); the engine (`transformer2.decoding.generate`) with base weights, a fixed
 expert (W' rebuilt) and one z per row, at each batch and at its own choice of batch (all
 prompts, default token budget), and at batch < 4 also without the row padding that batch
-invariance costs, and at batch >= 32 with the LM head as one matmul (before it went in pieces);
+invariance costs;
 RL rollouts (8 sampled copies of 4 prompts, which prefill once, vs 32 different prompts); HF `generate` at the same batches; a real workload (every prompt, stopping
 at EOS: completion tokens/s of the engine vs HF `generate` in batches, as `generate_texts`
 ran it); log-likelihood scoring (`dispatch.continuation_logprobs`, gold answers after each
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from transformer2.decoding import generate, kv
+from transformer2.decoding import generate
 from transformer2.dispatch import continuation_logprobs
 from transformer2.generation import chat_prompts
 from transformer2.models import load_base
@@ -127,13 +127,11 @@ def main() -> None:
     row_z = {n: expert.vectors[n] + 0.5 * torch.randn(len(ids), layer.rank, generator=g)
              for n, layer in svf_layers(model).items()}
 
-    def engine(rows, mode, head_rows=kv.LM_HEAD_ROWS, **kw):
+    def engine(rows, mode, **kw):
         set_expert(model, expert if mode == "fixed" else None)
         stats = {}
-        kv.LM_HEAD_ROWS, default_rows = head_rows, kv.LM_HEAD_ROWS
         out = generate(model, ids[:rows], max_new_tokens=N, pad_id=tokenizer.pad_token_id, stats=stats,
                        row_z={n: z[:rows] for n, z in row_z.items()} if mode == "row_z" else None, **kw)
-        kv.LM_HEAD_ROWS = default_rows
         assert all(len(o) == N for o in out)
         return stats
 
@@ -155,8 +153,6 @@ def main() -> None:
         for B in batches:
             methods = [("base", lambda: engine(B, "base")), ("fixed", lambda: engine(B, "fixed")),
                        ("row_z", lambda: engine(B, "row_z"))]
-            if B >= 32:  # the LM head as one matmul, as before it went in pieces
-                methods.append(("base_head_whole", lambda: engine(B, "base", head_rows=10 ** 9)))
             if B < 4:  # rows padded to 4 for batch invariance vs. a plain gemv
                 methods.append(("base_noninv", lambda: engine(B, "base", batch_invariant=False)))
             if B <= args.skip_hf_above:
@@ -250,9 +246,7 @@ def main() -> None:
         ("fixed_over_base", by.get(("fixed", B), 0) / by[("base", B)] if ("fixed", B) in by else None),
         ("row_z_over_fixed", by.get(("row_z", B), 0) / by[("fixed", B)] if ("fixed", B) in by else None),
         ("row_z_over_base", by.get(("row_z", B), 0) / by[("base", B)]),
-        ("engine_over_hf", by[("base", B)] / by[("hf_generate", B)] if ("hf_generate", B) in by else None),
-        ("head_pieces_over_whole", by[("base", B)] / by[("base_head_whole", B)] if ("base_head_whole", B) in by
-         else None))
+        ("engine_over_hf", by[("base", B)] / by[("hf_generate", B)] if ("hf_generate", B) in by else None),)
         if v is not None}
     result = {
         "model": info.name, "parameters": params, "threads": args.threads, "max_new_tokens": N,

@@ -167,33 +167,6 @@ def test_copies_of_a_prompt_prefill_once_and_decode_as_if_alone(arch):
     assert len({tuple(ids) for ids in sampled}) > 3  # copies share a prompt, not their draws
 
 
-def test_the_default_models_lm_head_in_pieces_gives_the_same_bits():
-    """The kernel fact `kv._lm_head_in_pieces` rests on, at SmolLM2's head shape (49152 × 576)."""
-    g = torch.Generator().manual_seed(0)
-    W = torch.randn(49152, 576, generator=g)
-    for rows in (4, 32, 64):
-        x = torch.randn(rows, 576, generator=g)
-        assert torch.equal(torch.cat([F.linear(x, w) for w in W.split(kv.LM_HEAD_ROWS)], -1), F.linear(x, W))
-
-
-@pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_the_lm_head_in_pieces_keeps_rows_independent(arch, monkeypatch):
-    """On a tiny head MKL rounds pieces differently from one matmul (~1e-7), so here: the same
-    tokens, close logits, and still a row's logits bitwise independent of the batch."""
-    model, tokenizer = build_tiny_random(arch)
-    model.eval()
-    prompts = chat_and_plain(tokenizer)[:6]
-    whole, seen_whole = logits_by_row(model=model, prompts=prompts, max_new_tokens=6)
-    monkeypatch.setattr(kv, "LM_HEAD_ROWS", 64)  # 259-token vocabulary: 5 pieces, the last one short
-    pieces, seen = logits_by_row(model=model, prompts=prompts, max_new_tokens=6)
-    assert pieces == whole
-    assert all(torch.allclose(a, b, atol=1e-5) for r in seen_whole for a, b in zip(seen_whole[r], seen[r]))
-    for r, p in enumerate(prompts):
-        alone = logits_by_row(model=model, prompts=[p], max_new_tokens=6)[1][0]
-        assert all(torch.equal(a, b) for a, b in zip(alone, seen[r])), r
-    assert "forward" not in vars(model.get_output_embeddings())  # the head is itself again
-
-
 def test_per_row_z_follows_its_row_through_reordering(patched):
     model, tokenizer, experts = patched
     prompts = chat_and_plain(tokenizer)

@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 
 ROW_ALIGN = 4     # decode rows and prefill pieces come in multiples of this
 KV_ALIGN = 16     # attention runs over a key length rounded up to this
@@ -129,33 +128,11 @@ def _engine_attention(model, kv: _KV) -> Iterator[None]:
 
 
 _NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # a "prepared 4D mask": HF skips building its own
-LM_HEAD_ROWS = 2048  # vocabulary rows per LM-head matmul (see `_lm_head_in_pieces`)
-
-
-@contextmanager
-def _lm_head_in_pieces(model) -> Iterator[None]:
-    """The LM head as matmuls over LM_HEAD_ROWS vocabulary rows at a time. MKL runs SmolLM2's
-    49152 × 576 head at a few rows ~1.5× faster in pieces on this CPU (benchmarks/generation.py),
-    and each output element is the same dot product, so the logits are bitwise those of one
-    matmul. Only a plain `nn.Linear` head is touched (not a LoRA- or SVF-wrapped one)."""
-    head = model.get_output_embeddings()
-    if type(head) is not torch.nn.Linear or head.out_features <= LM_HEAD_ROWS:
-        yield
-        return
-    weights = head.weight.split(LM_HEAD_ROWS)
-    biases = [None] * len(weights) if head.bias is None else head.bias.split(LM_HEAD_ROWS)
-    head.forward = lambda x: torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], dim=-1)
-    try:
-        yield
-    finally:
-        del head.forward
-
-
 def _forward(model, kv: _KV, ids: torch.Tensor, pos: torch.Tensor, logits: bool = True) -> torch.Tensor:
     """One forward of (tokens,) ids at positions pos through `kv`: logits (tokens, vocab), or
     none at all for a prefill (an empty `logits_to_keep` index skips the LM head)."""
     keep = 1 if logits else torch.zeros(0, dtype=torch.long, device=ids.device)
-    with _engine_attention(model, kv), _lm_head_in_pieces(model):
+    with _engine_attention(model, kv):
         out = model(input_ids=ids[:, None], position_ids=pos[:, None], attention_mask=_NO_MASK.to(ids.device),
                     use_cache=False, logits_to_keep=keep)
     return out.logits[:, -1] if logits else out.logits
