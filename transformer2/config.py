@@ -214,10 +214,9 @@ class _LoopMethods:
 class _ReinforceMethods(_LoopMethods):
     def objective_config(self, micro_batch_size: Optional[int] = None) -> RLObjectiveConfig:
         """REINFORCE's settings (`rl.reinforce_objective`)."""
-        return RLObjectiveConfig(kl_coef=self.kl_coef, entropy_coef=self.entropy_coef, max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
-                                 temperature=self.temperature,
-                                 micro_batch_size=micro_batch_size or self.micro_batch_size,
-                                 samples_per_prompt=self.samples_per_prompt, baseline=self.baseline)
+        return RLObjectiveConfig(**{f.name: getattr(self, f.name) for f in fields(RLObjectiveConfig)
+                                    if f.name != "micro_batch_size"},
+                                 micro_batch_size=micro_batch_size or self.micro_batch_size)
 
 
 LoopSection = create_model("LoopSection", __base__=(Section, _LoopMethods),
