@@ -1,6 +1,6 @@
 """The library's settings dataclasses, in one light module (no torch), and their defaults.
 
-Each `params.yaml` section builds one of these in one method (`config.py`), and takes its
+Each `params.yaml` section builds one of these in one method (`config/`), and takes its
 defaults from here, so a default is written once. Defaults follow the reference implementation
 where it has one; the CPU profiles set their own values in params.yaml.
 """
