@@ -56,9 +56,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--batch", type=int, default=4, help="prompts per step")
     ap.add_argument("--samples", type=int, default=8, help="sampled completions per prompt")
-    ap.add_argument("--baseline", default="rloo", choices=("none", "mean", "rloo"),
-                    help="subtracted from each reward per prompt (none: a prompt whose k answers are all wrong still "
-                         "pushes them down)")
+    ap.add_argument("--baseline", default="rloo", choices=("none", "mean", "rloo", "batch"),
+                    help="subtracted from each reward: per prompt (mean, rloo) or over the step (batch); none: a "
+                         "prompt whose k answers are all wrong still pushes them down")
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--lr", type=float, default=3e-2)
     ap.add_argument("--kl-coef", type=float, default=0.0, help="λ of the KL penalty to the base (paper: 0-0.3)")

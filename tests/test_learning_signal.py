@@ -25,6 +25,9 @@ def test_advantages_per_baseline():
     assert torch.allclose(advantages(r, "rloo"), torch.tensor([[2.0, -2 / 3, -2 / 3, -2 / 3], [0.0, 0.0, 0.0, 0.0]]))
     with pytest.raises(ValueError):
         advantages(r[:, :1], "rloo")
+    # batch: r − mean of the step's other seven rewards; the all-wrong prompt keeps a negative advantage
+    assert torch.allclose(advantages(r, "batch"), torch.where(r > 0, torch.tensor(2.0), torch.tensor(-2 / 7)))
+    assert torch.equal(advantages(r[:1, :1], "batch"), r[:1, :1])  # one sample: nothing to compare with
 
 
 def test_objective_config_rejects_settings_without_signal():
@@ -35,13 +38,14 @@ def test_objective_config_rejects_settings_without_signal():
     with pytest.raises(ValueError, match="baseline"):
         RLObjectiveConfig(baseline="median", samples_per_prompt=2, do_sample=True)
     RLObjectiveConfig(samples_per_prompt=4, do_sample=True, baseline="rloo")
+    RLObjectiveConfig(baseline="batch")  # one greedy sample per prompt, compared across prompts
 
 
 @pytest.mark.parametrize("section,changes,error", [
     ("rl", {"samples_per_prompt": 4}, "rl.samples_per_prompt: .*need do_sample: true"),
     ("classifier", {"samples_per_prompt": 2}, "classifier.samples_per_prompt: .*need do_sample: true"),
     ("rl", {"baseline": "rloo"}, "rl.samples_per_prompt: .*baseline: rloo needs samples_per_prompt >= 2"),
-    ("rl", {"baseline": "median"}, "rl.baseline: Input should be 'none', 'mean' or 'rloo'"),
+    ("rl", {"baseline": "median"}, "rl.baseline: Input should be 'none', 'mean', 'rloo' or 'batch'"),
     ("rl", {"overrides": {"gsm8k": {"samples_per_prompt": 4}}},
      "rl.overrides: .*gsm8k.samples_per_prompt: .*do_sample"),
     ("rl", {"do_sample": True, "samples_per_prompt": 4, "overrides": {"mbpp": {"do_sample": False}}},
@@ -125,6 +129,33 @@ def test_the_entropy_bonus_is_the_only_gradient_when_rewards_are_uniform(tmp_pat
     off = reinforce_objective(model, tokenizer, adapter, "gsm8k", RLObjectiveConfig(
         max_new_tokens=4, do_sample=True, samples_per_prompt=2, baseline="rloo"))(DOCS[:2])
     assert off["entropy"] > 0  # measured (without a gradient) when β = 0
+
+
+def test_the_batch_baseline_sees_every_chunk_of_the_step(tmp_path, monkeypatch):
+    """baseline: batch compares a sample with the whole step, not its chunk: one prompt per chunk
+    gives the gradient of one chunk holding all three, and A = r − mean of the other rewards."""
+    model, tokenizer, expert = svf_model(tmp_path)
+    adapter = SVFAdapter(model, expert)
+    metrics = {}
+
+    def score(task, docs, texts, **k):  # the first doc is right, the others wrong, whatever the chunk
+        return [docs[i] is DOCS[0] for i in range(len(texts))]
+
+    monkeypatch.setattr("transformer2.tasks.score_batch", score)
+    grads = []
+    for micro in (1, 3):
+        for z in adapter.trainable():
+            z.grad = None
+        m = reinforce_objective(model, tokenizer, adapter, "gsm8k",
+                                RLObjectiveConfig(max_new_tokens=4, baseline="batch", micro_batch_size=micro))(DOCS[:3])
+        grads.append({n: z.grad.clone() for n, z in adapter.live.items()})
+        metrics[micro] = m
+    # rewards (1, −1, −1): A = 1 − (−2)/2 = 2, −1 − 0/2 = −1, −1
+    assert all(v["mean_abs_advantage"] == pytest.approx(4 / 3) and v["nonzero_advantage_fraction"] == 1.0
+               for v in metrics.values())
+    assert any(g.abs().sum() > 0 for g in grads[0].values())
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-4)
 
 
 def test_one_greedy_sample_without_baseline_is_the_reference_estimator(tmp_path, monkeypatch):

@@ -6,7 +6,9 @@ for k completions y_i1..y_ik of each prompt x_i, with r ∈ {+1, −1} from the 
 the advantage A = r − b_i. The reference is k = 1, greedy, b = 0 (`baseline: none`). A small
 model that gets almost every prompt wrong gets no signal from that (every r = −1 just pushes
 all answers down); k sampled answers with a per-prompt baseline (`mean` of the k rewards, or
-`rloo`: the mean of the other k − 1) reward the answers better than their siblings instead.
+`rloo`: the mean of the other k − 1) reward the answers better than their siblings instead;
+`batch` subtracts the mean of every other sample of the step, so a prompt whose k answers are all
+wrong still pushes its answer down (a per-prompt baseline gives it A = 0).
 A small policy that finds one answer that scores collapses onto it (every sample identical, so
 every advantage 0); β > 0 (`entropy_coef`, reference 0) pays for keeping its answers spread.
 One step: rollout (frozen adapted weights, KV cache) → score → log-probs with gradients → loss → backward.
@@ -55,18 +57,22 @@ def mean_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def advantages(rewards: torch.Tensor, baseline: str) -> torch.Tensor:
-    """A = r − b per prompt, for rewards (prompts, k): b = 0 (none), the prompt's mean reward
-    (mean), or the mean of its other k − 1 rewards (rloo: leave-one-out, unbiased)."""
+    """A = r − b, for rewards (prompts, k): b = 0 (none), the prompt's mean reward (mean), the mean
+    of its other k − 1 rewards (rloo: leave-one-out, unbiased), or the mean of every other reward
+    of the step (batch: leave-one-out over all prompts; b = 0 for a step of one sample)."""
     k = rewards.shape[1]
     if baseline == "none":
         return rewards
+    if baseline == "batch":
+        n = rewards.numel()
+        return rewards if n < 2 else rewards - (rewards.sum() - rewards) / (n - 1)
     if baseline == "mean":
         return rewards - rewards.mean(1, keepdim=True)
     if baseline == "rloo":
         if k < 2:
             raise ValueError("the rloo baseline needs at least 2 samples per prompt")
         return rewards - (rewards.sum(1, keepdim=True) - rewards) / (k - 1)
-    raise ValueError(f"unknown baseline {baseline!r}; use none, mean or rloo")
+    raise ValueError(f"unknown baseline {baseline!r}; use none, mean, rloo or batch")
 
 
 def reinforce_objective(model, tokenizer, adapter: Adapter, task: str, cfg: RLObjectiveConfig):
@@ -89,17 +95,9 @@ def reinforce_objective(model, tokenizer, adapter: Adapter, task: str, cfg: RLOb
         prompts = chat_prompts(tokenizer, task, docs)
         n = len(docs)
         samples = n * k
-        for start in range(0, n, prompts_per_chunk):
-            chunk_docs = [d for d in docs[start:start + prompts_per_chunk] for _ in range(k)]
-            chunk_prompts = [p for p in prompts[start:start + prompts_per_chunk] for _ in range(k)]
-            t0 = time.perf_counter()
-            with adapter.inference():
-                ro = rollout(model, tokenizer, chunk_prompts, max_new_tokens=cfg.max_new_tokens,
-                             do_sample=cfg.do_sample, temperature=cfg.temperature)
-            t1 = time.perf_counter()
-            rewards = torch.tensor([1.0 if ok else -1.0 for ok in score_batch(task, chunk_docs, ro.texts)],
-                                   device=ro.input_ids.device).view(-1, k)
-            adv = advantages(rewards, cfg.baseline).reshape(-1)
+
+        def learn(ro, rewards: torch.Tensor, adv: torch.Tensor, seconds_rollout: float, seconds_score: float):
+            """log-probs → loss → backward for one chunk, and its share of the step's totals."""
             t2 = time.perf_counter()
             logits = completion_logits(model, ro)
             logp, mask = token_logprobs(logits, ro)
@@ -126,8 +124,30 @@ def reinforce_objective(model, tokenizer, adapter: Adapter, task: str, cfg: RLOb
             totals["kl"] += float(kl.detach()) * len(ro.texts)
             totals["entropy"] += float(entropy.detach()) * len(ro.texts)
             totals["completion_tokens"] += ro.completion_tokens
-            for key, dt in (("rollout", t1 - t0), ("score", t2 - t1), ("logprob", t3 - t2), ("backward", t4 - t3)):
+            for key, dt in (("rollout", seconds_rollout), ("score", seconds_score), ("logprob", t3 - t2),
+                            ("backward", t4 - t3)):
                 totals[f"seconds_{key}"] += dt
+
+        pending = []  # batch baseline: every chunk's rewards are needed before any chunk learns
+        for start in range(0, n, prompts_per_chunk):
+            chunk_docs = [d for d in docs[start:start + prompts_per_chunk] for _ in range(k)]
+            chunk_prompts = [p for p in prompts[start:start + prompts_per_chunk] for _ in range(k)]
+            t0 = time.perf_counter()
+            with adapter.inference():
+                ro = rollout(model, tokenizer, chunk_prompts, max_new_tokens=cfg.max_new_tokens,
+                             do_sample=cfg.do_sample, temperature=cfg.temperature)
+            t1 = time.perf_counter()
+            rewards = torch.tensor([1.0 if ok else -1.0 for ok in score_batch(task, chunk_docs, ro.texts)],
+                                   device=ro.input_ids.device).view(-1, k)
+            if cfg.baseline == "batch":
+                pending.append((ro, rewards, t1 - t0, time.perf_counter() - t1))
+            else:
+                learn(ro, rewards, advantages(rewards, cfg.baseline).reshape(-1), t1 - t0, time.perf_counter() - t1)
+        if pending:
+            adv = advantages(torch.cat([r for _, r, _, _ in pending]), "batch").reshape(-1).split(
+                [r.numel() for _, r, _, _ in pending])
+            for (ro, rewards, seconds_rollout, seconds_score), a in zip(pending, adv):
+                learn(ro, rewards, a, seconds_rollout, seconds_score)
         reward = totals["reward"] / samples
         return {"reward": reward, "accuracy": (reward + 1) / 2, "kl": totals["kl"] / samples,
                 "entropy": totals["entropy"] / samples, "samples": samples,

@@ -44,7 +44,7 @@ class RLObjectiveConfig:
     temperature: float = 1.0
     micro_batch_size: int = 8     # rollout / log-prob / backward chunk; the step still sees the whole batch
     samples_per_prompt: int = 1   # k completions per prompt (reference: 1)
-    baseline: str = "none"        # none (reference) | mean | rloo: subtracted from r per prompt
+    baseline: str = "none"        # none (reference) | mean | rloo (per prompt) | batch (over the step)
 
     def __post_init__(self):
         if self.baseline not in BASELINES:
@@ -56,7 +56,7 @@ class RLObjectiveConfig:
             raise ValueError(problem)
 
 
-BASELINES = ("none", "mean", "rloo")
+BASELINES = ("none", "mean", "rloo", "batch")
 
 
 def rl_sampling_problem(samples_per_prompt: int, do_sample: bool, baseline: str) -> str | None:
@@ -65,7 +65,7 @@ def rl_sampling_problem(samples_per_prompt: int, do_sample: bool, baseline: str)
     if samples_per_prompt > 1 and not do_sample:
         return (f"samples_per_prompt: {samples_per_prompt} samples need do_sample: true "
                 "(greedy decoding gives the same completion k times)")
-    if baseline != "none" and samples_per_prompt < 2:
+    if baseline in ("mean", "rloo") and samples_per_prompt < 2:
         return (f"baseline: {baseline} needs samples_per_prompt >= 2 "
                 "(with one sample per prompt the advantage is always 0)")
     return None
