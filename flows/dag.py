@@ -44,6 +44,11 @@ def _lookup(params: dict, ref: str) -> Any:
     return value
 
 
+def _items(stage: dict, values: dict) -> list[str]:
+    ref = re.fullmatch(r"\$\{([\w.]+)\}", str(stage["foreach"]))
+    return [str(item) for item in (_lookup(values, ref.group(1)) if ref else stage["foreach"])]
+
+
 def dag_stages(params_path: str | Path = layout.PARAMS, path: str | Path | None = None) -> list[Stage]:
     """The stages of dvc.yaml in order, each with its commands (foreach resolved against the params)."""
     spec = yaml.safe_load(Path(path or dvc_file()).read_text())["stages"]
@@ -51,13 +56,33 @@ def dag_stages(params_path: str | Path = layout.PARAMS, path: str | Path | None 
     stages = []
     for name, stage in spec.items():
         if "foreach" in stage:
-            ref = re.fullmatch(r"\$\{([\w.]+)\}", str(stage["foreach"]))
-            items = _lookup(values, ref.group(1)) if ref else stage["foreach"]
-            cmds = tuple(stage["do"]["cmd"].replace("${item}", str(item)) for item in items)
-            stages.append(Stage(name, cmds, True, tuple(str(item) for item in items)))
+            items = _items(stage, values)
+            cmds = tuple(stage["do"]["cmd"].replace("${item}", item) for item in items)
+            stages.append(Stage(name, cmds, True, tuple(items)))
         else:
             stages.append(Stage(name, (stage["cmd"],), False))
     return stages
+
+
+def stale_plots(params_path: str | Path = layout.PARAMS, path: str | Path | None = None,
+                root: str | Path = ".") -> list[str]:
+    """Files that dvc.yaml's top-level plots draw but no stage of the current DAG writes, and that exist
+    under `root`: another profile's curves (a task this one does not train), which `dvc plots show`
+    would draw beside this run's."""
+    spec = yaml.safe_load(Path(path or dvc_file()).read_text())
+    values = load_params(params_path).model_dump()
+    written = set()
+    for stage in spec["stages"].values():
+        body, items = (stage["do"], _items(stage, values)) if "foreach" in stage else (stage, [""])
+        for entry in body.get("plots", []):
+            name = entry if isinstance(entry, str) else next(iter(entry))
+            written.update(name.replace("${item}", item) for item in items)
+    drawn = set()
+    for entry in spec.get("plots", []):
+        for plot_id, plot in (entry.items() if isinstance(entry, dict) else [(entry, None)]):
+            y = (plot or {}).get("y")
+            drawn.update(y if isinstance(y, dict) else [plot_id])  # y: {file: field}, else the id is the file
+    return sorted(f for f in drawn - written if (Path(root) / f).is_file())
 
 
 def eval_cells(stages: list[Stage]) -> list[tuple[str, str, str]]:

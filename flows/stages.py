@@ -149,13 +149,13 @@ def report_flow(params_path: str = str(layout.PARAMS)) -> dict:
     """The report of exactly the cells the current dvc.yaml and params produce."""
     from tasks.report import report_task
 
-    from .dag import dag_stages, eval_cells, report_units
+    from .dag import dag_stages, eval_cells, report_units, stale_plots
 
     stages = dag_stages(params_path)
     params = load_params(params_path)
     return with_retries(report_task, params)(params, str(layout.METRICS_DIR), eval_cells(stages), report_units(stages),
                        str(layout.REPORTS_DIR / "results.md"), str(layout.PLOTS_DIR / "results.png"),
-                       str(layout.RESULTS_FILE))
+                       str(layout.RESULTS_FILE), stale_plots(params_path))
 
 
 STAGES = {"model": model_flow, "data": data_flow, "decompose": decompose_flow, "classifier": classifier_flow,

@@ -20,7 +20,8 @@ def expected_hashes(params: Params, units: list[tuple[str, str | None]]) -> dict
 
 def write_report(params: Params, metrics_dir: str, cells: list[tuple[str, str, str]],
                  units: list[tuple[str, str | None]], report_path: str, plot_path: str,
-                 summary_path: str | None = None, tables_dir: str | None = None) -> dict:
+                 summary_path: str | None = None, tables_dir: str | None = None,
+                 stale_plots: list[str] | None = None) -> dict:
     """Table-1/Table-2-style Markdown, the same tables as CSV (`table1.csv`, `table2.csv`, `table3.csv` in
     `tables_dir`, by default beside the report) and a bar chart from exactly the evaluation cells of this run's DAG,
     the headline numbers as score.<method>.<task> in `summary_path` (short column names for `dvc exp show`),
@@ -28,7 +29,8 @@ def write_report(params: Params, metrics_dir: str, cells: list[tuple[str, str, s
 
     `cells`: (dvc stage, kind, task) of every eval cell the DAG produces; `units`: its classifier and
     cem units. Metrics files of other profiles are never read; a cell written under other settings
-    is shown as stale, one not yet run as missing."""
+    is shown as stale, one not yet run as missing. `stale_plots`: curve files dvc.yaml draws that this DAG
+    does not write (another profile's), named in the report so `dvc plots show` cannot pass them off as this run's."""
     import mlflow
 
     hashes = expected_hashes(params, [(stage, t) for stage, _, t in cells] + units)
@@ -42,6 +44,10 @@ def write_report(params: Params, metrics_dir: str, cells: list[tuple[str, str, s
                                "Few-shot CEM shots come from each task's training split; HumanEval has none, so "
                                f"{params.data.fewshot_holdout} of its test docs are held out as shots and every "
                                "HumanEval cell (base included) is evaluated on the rest."}
+    if stale_plots:
+        notes["Stale plot files"] = (f"{', '.join(f'`{p}`' for p in stale_plots)} are drawn by `dvc plots show` but not "
+                                     "written by this profile's DAG (another run's curves); `git rm` them, or ignore "
+                                     "those curves.")
     atomic_write_text(report_path, build_report(found, notes, classifier, cem, trained))
     tables = write_tables(found, tables_dir if tables_dir is not None else Path(report_path).parent)
     plot_cells(found, plot_path)
@@ -71,7 +77,11 @@ def write_report(params: Params, metrics_dir: str, cells: list[tuple[str, str, s
 
 @task(name="report", cache_policy=NO_CACHE)
 def report_task(params: Params, metrics_dir: str, cells: list[tuple[str, str, str]],
-                units: list[tuple[str, str | None]], report_path: str, plot_path: str, summary_path: str) -> dict:
-    out = write_report(params, metrics_dir, cells, units, report_path, plot_path, summary_path)
-    get_run_logger().info(f"{out['cells']} of {out['expected']} cells measured -> {report_path}, {plot_path}")
+                units: list[tuple[str, str | None]], report_path: str, plot_path: str, summary_path: str,
+                stale_plots: list[str] | None = None) -> dict:
+    out = write_report(params, metrics_dir, cells, units, report_path, plot_path, summary_path, stale_plots=stale_plots)
+    log = get_run_logger()
+    log.info(f"{out['cells']} of {out['expected']} cells measured -> {report_path}, {plot_path}")
+    if stale_plots:
+        log.warning(f"not written by this profile's DAG, still drawn by `dvc plots show`: {', '.join(stale_plots)}")
     return out

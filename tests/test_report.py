@@ -148,3 +148,31 @@ def test_a_profile_switch_cannot_mix_runs(tmp_path):
     mlflow.set_tracking_uri(tiny["tracking"]["uri"])
     run = mlflow.search_runs(experiment_names=["switch"], output_format="list")[0]
     assert run.data.metrics == {"base.gsm8k": 0.25} and run.data.tags["stage"] == "report"
+
+
+def test_curves_of_tasks_the_profile_does_not_train_are_named_as_stale(tmp_path):
+    """dvc.yaml's plots draw every paper task's curves; a profile that trains one task leaves the others'
+    CSVs of an earlier run on disk, which `dvc plots show` would draw: the report names them."""
+    import yaml
+
+    from flows.dag import dag_stages, eval_cells, report_units, stale_plots
+    from tasks.report import write_report
+    from transformer2.config import load_params
+
+    from .conftest import ROOT
+
+    evidence = yaml.safe_load((ROOT / "profiles/cpu-evidence.yaml").read_text())
+    evidence["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "stale-plots"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(evidence))
+    (tmp_path / "plots").mkdir()
+    for name in ("expert_gsm8k", "expert_arc_easy", "lora_mbpp"):  # arc_easy: trained by this profile
+        (tmp_path / "plots" / f"{name}.csv").write_text("step,reward\n1,0.5\n")
+    stale = stale_plots(tmp_path / "params.yaml", ROOT / "dvc.yaml", root=tmp_path)
+    assert stale == ["plots/expert_gsm8k.csv", "plots/lora_mbpp.csv"]
+    stages = dag_stages(tmp_path / "params.yaml", ROOT / "dvc.yaml")
+    (tmp_path / "metrics").mkdir()
+    write_report(load_params(tmp_path / "params.yaml"), str(tmp_path / "metrics"), eval_cells(stages),
+                 report_units(stages), str(tmp_path / "results.md"), str(tmp_path / "r.png"), stale_plots=stale)
+    text = (tmp_path / "results.md").read_text()
+    assert "`plots/expert_gsm8k.csv`, `plots/lora_mbpp.csv` are drawn by `dvc plots show` but not written" in text
+    assert stale_plots(ROOT / "params.yaml", ROOT / "dvc.yaml", root=tmp_path / "empty") == []
