@@ -109,7 +109,8 @@ def main() -> None:
                             "seconds": svf_cell["seconds"]}},
            "train_seconds": result.seconds}
     suffix = "".join(f"_{name}{value:g}" for name, value, default in (("lr", a.lr, 3e-2), ("kl", a.kl_coef, 0.0),
-                                                                        ("entropy", a.entropy_coef, 0.0))
+                                                                        ("entropy", a.entropy_coef, 0.0),
+                                                                        ("batch", a.batch, 4), ("k", a.samples, 8))
                      if value != default) + ("" if a.baseline == "rloo" else f"_{a.baseline}")
     path = Path(a.out or Path(__file__).parent / "results" / f"rl_signal_{a.task}{suffix}.json")
     atomic_write_json(path, out)
