@@ -117,5 +117,11 @@ class LoRAAdapter(NamedTensorsAdapter):
 
         with atomic_dir(folder) as tmp:
             self.model.save_pretrained(tmp)
+            config = tmp / "adapter_config.json"  # PEFT writes target_modules from a set: in hash-seed order
+            settings = json.loads(config.read_text())
+            for key in ("target_modules", "modules_to_save", "exclude_modules"):
+                if isinstance(settings.get(key), list):
+                    settings[key] = sorted(settings[key])
+            config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
             (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
             write_json_files(tmp, extra)
