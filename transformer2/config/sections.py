@@ -128,3 +128,8 @@ class ExecutionParams(Section):
     """Prefect retries of a stage's task after an unexpected error (a `t2: error:` of bad input is not
     retried); resumable stages continue from their checkpoint. A killed process is never retried."""
     retry_delay_s: float = Field(default=10.0, ge=0, le=3600)
+    task_runner: Literal["thread", "dask"] = "thread"
+    """Where `t2 pipeline --no-dvc --parallel` runs the items of a foreach training stage: threads of this
+    process (thread), or a local Dask cluster of `dask_workers` worker processes (dask: needs prefect-dask)."""
+    dask_workers: int = Field(default=2, ge=1, le=256)
+    """Worker processes of the local Dask cluster (one task each at a time, torch threads = cores // workers)."""
