@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("pipeline", help="run every stage in DAG order (through `dvc repro` by default)")
     s.add_argument("--params", default="params.yaml")
     s.add_argument("--no-dvc", action="store_true", help="run the stage flows in-process, without DVC")
-    s.add_argument("--parallel", action="store_true", help="with --no-dvc: train the experts concurrently")
+    s.add_argument("--parallel", action="store_true", help="with --no-dvc: train the experts concurrently "
+                   "(execution.task_runner: threads of this process, or a local Dask cluster)")
     s = sub.add_parser("repro", help="`dvc repro` with one Prefect server for all its stages (any dvc repro "
                        "arguments, e.g. `t2 repro expert@gsm8k`, `t2 repro -f`)",
                        description="Runs `dvc repro ARGS` with one local Prefect server for the whole run (or the "
@@ -137,6 +138,10 @@ def _check_before_start(args: argparse.Namespace, params) -> None:
 
     from .inputs import check_inputs
 
+    if getattr(args, "dask", False):  # before anything heavy: one line naming the key and the install command
+        from .dask_runner import require_prefect_dask
+
+        require_prefect_dask()
     lists = {"train-expert": "rl", "train-lora": "lora", "cem": "cem"}
     if args.command in lists:
         tasks = getattr(params, lists[args.command]).tasks
@@ -195,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             verb = "would change" if args.dry else "changed"
             print(f"{layout.STAGE_PARAMS_DIR}/: {len(changed)} {verb}" + (f": {', '.join(changed)}" if changed else ""))
             return 0
+        args.dask = args.command == "pipeline" and args.no_dvc and args.parallel and \
+            params.execution.task_runner == "dask"  # the parallel stages on a local Dask cluster
         _check_before_start(args, params)
         with contextlib.ExitStack() as stack:
             return _run(args, stack)
@@ -223,7 +230,7 @@ def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     that dies with it. Flow runs of a pipeline's stages carry its tag."""
     from .server import guard_temporary_server, pipeline_server, pipeline_tag
 
-    if args.command == "repro" or (args.command == "pipeline" and not args.no_dvc):
+    if args.command == "repro" or (args.command == "pipeline" and (not args.no_dvc or getattr(args, "dask", False))):
         stack.enter_context(pipeline_server(log=lambda line: print(line, file=sys.stderr)))
     if not args.debug:
         import prefect.main  # noqa: F401  (configures logging; the filter goes on its console handler)
@@ -240,9 +247,9 @@ def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
 
         repro_flow(dvc_args=args.dvc_args, params_path=args.params)
     elif args.command == "pipeline":
-        from .pipeline import pipeline_flow
+        from .pipeline import run_pipeline
 
-        pipeline_flow(params_path=args.params, use_dvc=not args.no_dvc, parallel=args.parallel)
+        run_pipeline(params_path=args.params, use_dvc=not args.no_dvc, parallel=args.parallel)
     elif args.command == "serve":
         from prefect.settings import get_current_settings
 

@@ -177,8 +177,10 @@ def stage_run(params: Params, stage: str, item: Optional[str] = None, *, kind: O
     settings = stage_settings(params, stage, item) if settings is None else settings
     unit = stage + (f"@{item}" if item is not None else "")
     experiment_id = _experiment_id(params)
+    torch = sys.modules.get("torch")  # where it ran: the process (a Dask worker's, under execution.task_runner: dask)
     run_tags_ = {**run_tags(params), "stage": "eval" if stage.startswith("eval-") else stage, "unit": unit,
-                 "task": item, "kind": kind, "method": method, "stage_params_hash": settings_hash(settings), **tags}
+                 "task": item, "kind": kind, "method": method, "stage_params_hash": settings_hash(settings),
+                 "pid": str(os.getpid()), "torch_threads": str(torch.get_num_threads()) if torch else None, **tags}
     run_tags_ = {k: v for k, v in run_tags_.items() if v is not None}
     with mlflow.start_run(run_name=unit, experiment_id=experiment_id, tags=run_tags_,
                           parent_run_id=_parent_run_id(params, experiment_id)) as run:
@@ -237,7 +239,13 @@ def write_json(path: str | Path, data: dict) -> None:
 
 
 def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
-    return {metric_name(k): float(v) for k, v in _flatten(dict(metrics)).items()
+    """The numbers of a metrics dict, nested keys joined by `.`; a 95% interval `x_ci95: [low, high]` becomes
+    `x_ci95_low` / `x_ci95_high`."""
+    flat = _flatten(dict(metrics))
+    for key, v in list(flat.items()):
+        if key.endswith("ci95") and isinstance(v, (list, tuple)) and len(v) == 2:
+            flat[f"{key}_low"], flat[f"{key}_high"] = v
+    return {metric_name(k): float(v) for k, v in flat.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
