@@ -11,6 +11,7 @@ from transformer2.cem import CEMError, few_shot_cem, shot_indices
 from transformer2.config import Params
 from transformer2.models import ModelInfo, load_patched
 from transformer2.runtime import resource_metrics, timed
+from transformer2.stats import wilson_interval
 from transformer2.svf import Expert, check_same_base
 
 from .tracking import metric_name, progress_bar, record_metrics, stage_run, tag_output, write_curve
@@ -69,7 +70,8 @@ def cem_task(params: Params, task_name: str, model_dir: str, svd_dir: str, data_
         write_curve(curve_path, result.history, HISTORY_FIELDS)
         metrics = {"task": task_name, "experts": result.keys, "shots": len(shots), "shot_split": pool_split,
                    "population": cfg.population, "generations": cfg.generations, "per_matrix": cfg.per_matrix,
-                   "method": cfg.method, "accuracy": result.accuracy, "loglik": result.loglik,
+                   "method": cfg.method, "accuracy": result.accuracy,
+                   "ci95": list(wilson_interval(round(result.accuracy * len(shots)), len(shots))), "loglik": result.loglik,
                    "alpha": result.alpha if not cfg.per_matrix else None, "search_seconds": result.seconds,
                    "resumed_from_generation": result.resumed_from, "output_fingerprint": tag_output(out_dir),
                    **resource_metrics(t["seconds"])}

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from transformer2.stats import wilson_interval
 from transformer2.classifier import (ClassifierDataError, classifier_docs, dispatch_confusion, dispatch_metrics,
                                      evaluate_dispatch, plot_confusion, train_classifier_expert)
 from transformer2.tasks import (CATEGORIES, CLASSIFY_TASK, build_classify_messages, build_messages, reference_answer,
@@ -69,6 +70,7 @@ def test_confusion_matrix_metrics_and_png(tmp_path):
     assert m[pos["math"], pos["code"]] == 1 and m[pos["reasoning"], pos["other"]] == 1  # None counts as other
     metrics = dispatch_metrics(m)
     assert metrics["accuracy"] == pytest.approx(4 / 6) and metrics["recall_math"] == 0.5
+    assert metrics["ci95"] == pytest.approx(list(wilson_interval(4, 6))) and metrics["n"] == 6
     path = plot_confusion(m, tmp_path / "plots" / "dispatch.png", title="prompt/loglik")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -32,20 +32,22 @@ def test_two_pass_timings_dispatch_and_cem_tables(tmp_path):
         {"kind": "few_shot", "task": "math", "metric": "exact_match,none", "value": 0.2, "n_docs": 14,
          "first_pass_s": 0.01, "second_pass_s": 38.0, "first_to_second": 0.0003, "adaptation_search_s": 120.4}))
     (tmp_path / "classifier.json").write_text(json.dumps({"heldout_docs": 6, "dispatch": {
-        "prompt_loglik": {"accuracy": 0.5, "seconds": 1.5, "per_task_accuracy": {"math": 1.0, "gsm8k": 0.0}},
+        "prompt_loglik": {"accuracy": 0.5, "seconds": 1.5, "per_task_accuracy": {"math": 1.0, "gsm8k": 0.0},
+                          "ci95": [0.188, 0.812]},
         "classifier_generate": {"accuracy": 0.25, "seconds": 3.0, "per_task_accuracy": {"math": 0.5}}}}))
     (tmp_path / "cem_math.json").write_text(json.dumps(
         {"task": "math", "experts": ["gsm8k", "mbpp"], "alpha": [0.7, 0.1], "shots": 5, "shot_split": "train",
-         "population": 12, "generations": 4, "accuracy": 0.2, "loglik": -1.234, "search_seconds": 120.4}))
+         "population": 12, "generations": 4, "accuracy": 0.2, "ci95": [0.036, 0.624], "loglik": -1.234,
+         "search_seconds": 120.4}))
     cells = read_cells(tmp_path, [("prompt", "math"), ("few_shot", "math")])
     classifier, cem, _ = read_stage_metrics(tmp_path, {"classifier": None, "cem_math": None})
     text = build_report(cells, None, classifier, cem)
     assert "| MATH | exact_match,none | 14 | – | 10.0 | – | 20.0 |" in text
     assert "| MATH | prompt | 2.00 | 40.00 | 5.0% | – |" in text
     assert "| MATH | few-shot | 0.01 | 38.00 | 0.0% | CEM 120 s |" in text
-    assert "| prompt | loglik | 50.0 | 0 | 100 | 1.5 |" in text  # GSM8K column before MATH
+    assert "| prompt | loglik | 50.0 [18.8, 81.2] | 0 | 100 | 1.5 |" in text  # GSM8K column before MATH
     assert "| classifier | generate | 25.0 | – | 50 | 3.0 |" in text
-    assert "| MATH | 5 (train) | 12 × 4 | gsm8k 0.70, mbpp 0.10 | 20% | -1.234 | 120 |" in text
+    assert "| MATH | 5 (train) | 12 × 4 | gsm8k 0.70, mbpp 0.10 | 20% [3.6, 62.4] | -1.234 | 120 |" in text
 
 
 def test_cells_show_intervals_and_paired_deltas_and_mark_significant_ones(tmp_path):

@@ -83,3 +83,13 @@ def test_the_classifier_run_is_not_an_svf_run(params):
         pass
     tags = _runs(params)["classifier"].data.tags
     assert tags["kind"] == "classifier" and tags["method"] == "t2-classifier" and "task" not in tags
+
+
+def test_intervals_reach_mlflow_as_low_and_high():
+    from tasks.tracking import _numeric
+
+    logged = _numeric({"best_val_accuracy": 0.5, "best_val_ci95": [0.2, 0.8], "task": "gsm8k", "flag": True,
+                       "dispatch": {"prompt_loglik": {"accuracy": 0.75, "ci95": [0.6, 0.85], "n": 60}}})
+    assert logged == {"best_val_accuracy": 0.5, "best_val_ci95_low": 0.2, "best_val_ci95_high": 0.8,
+                      "dispatch.prompt_loglik.accuracy": 0.75, "dispatch.prompt_loglik.ci95_low": 0.6,
+                      "dispatch.prompt_loglik.ci95_high": 0.85, "dispatch.prompt_loglik.n": 60.0}

@@ -27,6 +27,7 @@ import numpy as np
 
 from .errors import UserError
 from .files import atomic_save
+from .stats import wilson_interval
 from .tasks import CATEGORIES, CLASSIFY_TASK, PAPER_TRAIN_TASKS, PAPER_UNSEEN_TASKS, get_task, load_split, question_text
 
 SPLITS = ("train", "validation")  # what classifier data may be drawn from
@@ -190,6 +191,8 @@ def dispatch_metrics(matrix: np.ndarray, labels: Sequence[str] = CATEGORIES) -> 
     """Accuracy and per-category recall / precision of a confusion matrix (rows true)."""
     total = int(matrix.sum())
     out: dict = {"n": total, "accuracy": float(np.trace(matrix) / total) if total else 0.0}
+    if total:
+        out["ci95"] = list(wilson_interval(int(np.trace(matrix)), total))
     for i, c in enumerate(labels):
         support, predicted = int(matrix[i].sum()), int(matrix[:, i].sum())
         if support:

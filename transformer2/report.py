@@ -160,6 +160,11 @@ def timing_table(cells: Cells, kinds: Sequence[str] = TABLE2_KINDS[1:], tasks: S
     return "\n".join(rows) + "\n" if len(rows) > 4 else ""
 
 
+def _interval(ci) -> str:
+    """` [low, high]` in percent, or nothing for a record written before intervals were kept."""
+    return f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else ""
+
+
 def dispatch_table(classifier: Optional[dict]) -> str:
     """Dispatch accuracy on held-out prompts: the base prompt vs the classification expert, per mode."""
     if not classifier or not classifier.get("dispatch"):
@@ -174,7 +179,7 @@ def dispatch_table(classifier: Optional[dict]) -> str:
     for name, r in results.items():
         who, _, mode = name.partition("_")
         per = r.get("per_task_accuracy", {})
-        rows.append(f"| {who} | {mode} | {100 * r['accuracy']:.1f} | "
+        rows.append(f"| {who} | {mode} | {100 * r['accuracy']:.1f}{_interval(r.get('ci95'))} | "
                     + " | ".join(f"{100 * per[t]:.0f}" if t in per else "–" for t in tasks)
                     + f" | {r.get('seconds', 0):.1f} |")
     return "\n".join(rows) + "\n"
@@ -191,7 +196,7 @@ def cem_table(cem: Mapping[str, dict]) -> str:
         alpha = m.get("alpha")
         shown = "per matrix" if alpha is None else ", ".join(f"{k} {a:.2f}" for k, a in zip(m["experts"], alpha))
         rows.append(f"| {task_title(task)} | {m['shots']} ({m['shot_split']}) | "
-                    f"{m['population']} × {m['generations']} | {shown} | {100 * m['accuracy']:.0f}% | "
+                    f"{m['population']} × {m['generations']} | {shown} | {100 * m['accuracy']:.0f}%{_interval(m.get('ci95'))} | "
                     f"{m['loglik']:.3f} | {m['search_seconds']:.0f} |")
     return "\n".join(rows) + "\n"
 
