@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,19 +23,18 @@ def without_timings(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("seconds") and k not in TIMING} for r in records]
 
 
-def tick(i: int, delay: float) -> None:
+def tick(i: int) -> None:
     print(f"progress {i}", flush=True)
-    time.sleep(delay)
 
 
-def job_decompose(project: Path, out: Path, delay: float) -> None:
+def job_decompose(project: Path, out: Path) -> None:
     from transformer2.models import load_base
     from transformer2.svd import decompose
     from transformer2.svf import find_targets
 
     model, _, info = load_base(project / "artifacts/model")
     decompose(model, find_targets(model, "all"), out / "svd", info.fingerprint,
-              progress=lambda i, n, name: tick(i, delay))
+              progress=lambda i, n, name: tick(i))
 
 
 def _params(project: Path):
@@ -45,7 +43,7 @@ def _params(project: Path):
     return load_params(project / "params.yaml")
 
 
-def job_expert(project: Path, out: Path, delay: float) -> None:
+def job_expert(project: Path, out: Path) -> None:
     """REINFORCE for 4 steps, a checkpoint after each, resuming from out/run when there is one."""
     from transformer2.models import load_patched
     from transformer2.rl import train_svf_expert
@@ -62,7 +60,7 @@ def job_expert(project: Path, out: Path, delay: float) -> None:
                                        load_split(data, "gsm8k", "validation")[: rl.val_size],
                                        rl.loop_config(params.seed), rl.objective_config(), out / "run", resume=True,
                                        eval_batch_size=rl.eval_batch_size,
-                                       progress=lambda m: tick(m["step"], delay))
+                                       progress=lambda m: tick(m["step"]))
     final = adapter.state()
     adapter.load_state(result.best_state)
     adapter.save(out / "expert", {"best_step": result.best_step}, extra=result.output_files())
@@ -77,7 +75,7 @@ def _history(out: Path, result) -> None:
     (out / "run.json").write_text(json.dumps({"resumed_from": result.resumed_from}))
 
 
-def job_lora(project: Path, out: Path, delay: float) -> None:
+def job_lora(project: Path, out: Path) -> None:
     """The LoRA baseline (next-token, dropout on) for 4 steps, a checkpoint after each, as the lora stage saves it."""
     from transformer2.lora import train_lora
     from transformer2.models import load_base
@@ -95,7 +93,7 @@ def job_lora(project: Path, out: Path, delay: float) -> None:
                                  reinforce=rl.objective_config(micro_batch_size=lora.micro_batch_size), resume=True,
                                  max_new_tokens=rl.max_new_tokens, eval_batch_size=rl.eval_batch_size,
                                  seed=params.seed, base_fingerprint=info.fingerprint,
-                                 progress=lambda m: tick(m["step"], delay))
+                                 progress=lambda m: tick(m["step"]))
     final = adapter.state()
     adapter.load_state(result.best_state)
     adapter.save(out / "lora", {"best_step": result.best_step, "base_fingerprint": info.fingerprint},
@@ -104,7 +102,7 @@ def job_lora(project: Path, out: Path, delay: float) -> None:
     _history(out, result)
 
 
-def job_classifier(project: Path, out: Path, delay: float) -> None:
+def job_classifier(project: Path, out: Path) -> None:
     """z_c (the classifier stage's training: generate mode, seeded init) for 4 steps, saved with its validations."""
     from transformer2.classifier import classifier_docs, train_classifier_expert
     from transformer2.models import load_patched
@@ -119,13 +117,13 @@ def job_classifier(project: Path, out: Path, delay: float) -> None:
     expert, result, start = train_classifier_expert(
         model, tokenizer, info.fingerprint, svf, train, val, cfg.loop_config(params.seed), cfg.objective_config(),
         out / "run", resume=True, eval_batch_size=cfg.eval_batch_size, init_seed=params.seed,
-        progress=lambda m: tick(m["step"], delay), mode=cfg.train_mode)
+        progress=lambda m: tick(m["step"]), mode=cfg.train_mode)
     expert.save(out / "classifier", extra=result.output_files())
     start.save(out / "start")
     _history(out, result)
 
 
-def job_cem(project: Path, out: Path, delay: float) -> None:
+def job_cem(project: Path, out: Path) -> None:
     """The cem stage's search for arc_challenge over two experts, 4 generations, a checkpoint after each."""
     from transformer2.cem import few_shot_cem, shot_indices
     from transformer2.models import load_patched
@@ -142,12 +140,12 @@ def job_cem(project: Path, out: Path, delay: float) -> None:
     result = few_shot_cem(model, tokenizer, experts, "arc_challenge", [pool[i] for i in indices],
                           cfg.cem_config(params.seed), method=cfg.method, batch_size=cfg.batch_size,
                           max_new_tokens=cfg.max_new_tokens, run_dir=out / "run", resume=True,
-                          progress=lambda r: tick(r["generation"] + 1, delay))
+                          progress=lambda r: tick(r["generation"] + 1))
     result.save(out / "cem", timings=False, extra={"shots.json": {"split": split, "indices": indices}})
     (out / "run.json").write_text(json.dumps({"resumed_from": result.resumed_from}))
 
 
-def job_eval(project: Path, out: Path, delay: float) -> None:
+def job_eval(project: Path, out: Path) -> None:
     """One evaluation cell (the gsm8k expert on ARC-Easy, 6 docs, through lm-eval) with the eval stage's
     response cache: a `progress` line after each response lm-eval caches; saved as the stage saves a cell."""
     from lm_eval.api import model as lm_model
@@ -159,7 +157,7 @@ def job_eval(project: Path, out: Path, delay: float) -> None:
     def cached(self, attr, req, res) -> None:
         add_partial(self, attr, req, res)
         done[0] += 1
-        tick(done[0], delay)
+        tick(done[0])
 
     lm_model.CacheHook.add_partial = cached
     params = _params(project)
@@ -178,7 +176,7 @@ def job_eval(project: Path, out: Path, delay: float) -> None:
                                               "computed_responses": done[0]}))
 
 
-def job_all(project: Path, out: Path, delay: float) -> None:
+def job_all(project: Path, out: Path) -> None:
     """An SVF expert, a LoRA adapter and a CEM mix, as the stages make them (tiny profile, seed 0)."""
     from transformer2.cem import few_shot_cem, shot_indices
     from transformer2.lora import train_lora
@@ -224,8 +222,7 @@ def job_all(project: Path, out: Path, delay: float) -> None:
 
 if __name__ == "__main__":
     job, project, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    delay = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
     jobs = {"decompose": job_decompose, "expert": job_expert, "lora": job_lora, "classifier": job_classifier,
             "cem": job_cem, "eval": job_eval, "all": job_all}
-    jobs[job](project, out, delay)
+    jobs[job](project, out)
     print("done", flush=True)

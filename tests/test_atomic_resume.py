@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,30 +26,37 @@ def files(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def worker(job: str, project: Path, out: Path, delay: float = 0.0, kill_after: int | None = None,
-           timeout: int = 900) -> subprocess.CompletedProcess | None:
-    """Run tests/resume_worker.py; with `kill_after`, SIGKILL it a random moment after that progress line."""
-    cmd = [sys.executable, "-m", "tests.resume_worker", job, str(project), str(out), str(delay)]
+def worker(job: str, project: Path, out: Path, kill_after: int | None = None, kill_within: float = 0.0,
+           timeout: int = 900) -> list[float]:
+    """Run tests/resume_worker.py and return the times (s) between its progress lines; with `kill_after`,
+    SIGKILL it a uniformly random moment within `kill_within` s after that progress line: inside the next
+    unit of work (the worker does not pause), which can be mid-step or mid-checkpoint."""
+    cmd = [sys.executable, "-m", "tests.resume_worker", job, str(project), str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if kill_after is None:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return proc
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stamps = []
     try:
         for line in proc.stdout:
-            if line.strip() == f"progress {kill_after}":
-                import time
-
-                time.sleep(random.uniform(0, delay))  # somewhere inside the next unit of work
+            if not line.startswith("progress "):
+                continue
+            stamps.append(time.perf_counter())
+            if kill_after is not None and line.strip() == f"progress {kill_after}":
+                wait = random.uniform(0, kill_within)
+                time.sleep(wait)
                 proc.send_signal(signal.SIGKILL)
+                print(f"{job}: SIGKILL {wait:.3f} s after progress {kill_after} (a unit takes ~{kill_within:.3f} s)")
                 break
-        proc.wait(timeout=60)
+        proc.wait(timeout=timeout)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    return None
+    err = proc.stderr.read()
+    proc.stderr.close()
+    if kill_after is None:
+        assert proc.returncode == 0, err[-3000:]
+    else:
+        assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
 def test_atomic_dir_keeps_the_old_folder_on_error(tmp_path):
@@ -118,13 +126,15 @@ def test_damaged_svd_factor_is_recomputed(tiny_project, tmp_path):
     load_factors(cache, info.fingerprint)
 
 
-def uninterrupted_and_resumed(job: str, project: Path, tmp_path: Path, delay: float, kill_range: tuple[int, int],
+def uninterrupted_and_resumed(job: str, project: Path, tmp_path: Path, kill_range: tuple[int, int],
                               output: str) -> tuple[Path, Path]:
-    """`job` run once whole, and once SIGKILLed at a random progress step (its `output` not yet written)
-    then rerun to the end: the two folders to compare."""
+    """`job` run once whole, and once SIGKILLed at a random moment of the unit of work after a random
+    progress step (a unit lasts about the whole run's median gap between progress lines; its `output` not
+    yet written), then rerun to the end: the two folders to compare."""
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    worker(job, project, whole)
-    worker(job, project, resumed, delay=delay, kill_after=random.randint(*kill_range))
+    gaps = sorted(worker(job, project, whole))
+    assert gaps, f"{job}: no progress lines to kill between"
+    worker(job, project, resumed, kill_after=random.randint(*kill_range), kill_within=gaps[len(gaps) // 2])
     assert not (resumed / output).exists()
     worker(job, project, resumed)
     return whole, resumed
@@ -132,7 +142,7 @@ def uninterrupted_and_resumed(job: str, project: Path, tmp_path: Path, delay: fl
 
 @pytest.mark.slow  # three interpreters with torch: ~150 s on 2 loaded cores
 def test_decompose_killed_and_resumed_gives_the_same_cache(tiny_project, tmp_path):
-    whole, resumed = uninterrupted_and_resumed("decompose", tiny_project, tmp_path, 0.3, (2, 10), "svd/index.json")
+    whole, resumed = uninterrupted_and_resumed("decompose", tiny_project, tmp_path, (2, 10), "svd/index.json")
     strip = lambda d: {k: v for k, v in d.items() if k != "index.json"}  # noqa: E731  (index has seconds_this_run)
     assert strip(files(whole / "svd")) == strip(files(resumed / "svd"))
     a, b = (json.loads((d / "svd/index.json").read_text()) for d in (whole, resumed))
@@ -141,7 +151,7 @@ def test_decompose_killed_and_resumed_gives_the_same_cache(tiny_project, tmp_pat
 
 @pytest.mark.slow  # three interpreters with torch and a tiny model: ~290 s on 2 loaded cores
 def test_expert_training_killed_and_resumed_gives_the_same_expert(tiny_project, tmp_path):
-    whole, resumed = uninterrupted_and_resumed("expert", tiny_project, tmp_path, 0.5, (1, 3), "expert")
+    whole, resumed = uninterrupted_and_resumed("expert", tiny_project, tmp_path, (1, 3), "expert")
     assert files(whole / "expert") == files(resumed / "expert")
     assert "validations.json" in files(whole / "expert")  # saved inside the expert's one unit
     same_final_state_and_history(whole, resumed)
@@ -162,7 +172,7 @@ def same_final_state_and_history(whole: Path, resumed: Path) -> None:
 @pytest.mark.slow  # three interpreters with torch and a tiny model: ~60 s on 2 loaded cores
 def test_lora_training_killed_and_resumed_gives_the_same_adapter(tiny_project, tmp_path):
     """Next-token LoRA with dropout: the checkpoint carries the optimiser, the cosine schedule and the RNG."""
-    whole, resumed = uninterrupted_and_resumed("lora", tiny_project, tmp_path, 0.5, (1, 3), "lora")
+    whole, resumed = uninterrupted_and_resumed("lora", tiny_project, tmp_path, (1, 3), "lora")
     assert files(whole / "lora") == files(resumed / "lora")
     assert {"adapter_model.safetensors", "validations.json"} <= set(files(whole / "lora"))
     same_final_state_and_history(whole, resumed)
@@ -170,7 +180,7 @@ def test_lora_training_killed_and_resumed_gives_the_same_adapter(tiny_project, t
 
 @pytest.mark.slow  # ~70 s on 2 loaded cores
 def test_classifier_training_killed_and_resumed_gives_the_same_zc(tiny_project, tmp_path):
-    whole, resumed = uninterrupted_and_resumed("classifier", tiny_project, tmp_path, 0.5, (1, 3), "classifier")
+    whole, resumed = uninterrupted_and_resumed("classifier", tiny_project, tmp_path, (1, 3), "classifier")
     assert files(whole / "classifier") == files(resumed / "classifier")
     assert "validations.json" in files(whole / "classifier")
     # z_c's start (what the stage measures movement from) is the seeded init whether or not the run resumed
@@ -182,7 +192,7 @@ def test_classifier_training_killed_and_resumed_gives_the_same_zc(tiny_project, 
 @pytest.mark.slow  # ~60 s on 2 loaded cores
 def test_cem_killed_and_resumed_gives_the_same_mix(tiny_project, tmp_path):
     """The real search on the tiny model (two experts, ARC shots), killed after a random generation."""
-    whole, resumed = uninterrupted_and_resumed("cem", tiny_project, tmp_path, 0.5, (1, 3), "cem")
+    whole, resumed = uninterrupted_and_resumed("cem", tiny_project, tmp_path, (1, 3), "cem")
     assert files(whole / "cem") == files(resumed / "cem")  # alpha, cem.json with its history, shots.json
     assert json.loads((whole / "run.json").read_text())["resumed_from"] == 0
     assert json.loads((resumed / "run.json").read_text())["resumed_from"] >= 1
@@ -192,7 +202,7 @@ def test_cem_killed_and_resumed_gives_the_same_mix(tiny_project, tmp_path):
 def test_eval_cell_killed_and_resumed_gives_the_same_results(tiny_project, tmp_path):
     """An SVF cell on ARC-Easy (6 docs, 24 loglikelihood requests) killed while lm-eval fills its response
     cache: the rerun takes the cached responses, computes the rest, and writes the same results and samples."""
-    whole, resumed = uninterrupted_and_resumed("eval", tiny_project, tmp_path, 0.2, (2, 20), "cell")
+    whole, resumed = uninterrupted_and_resumed("eval", tiny_project, tmp_path, (2, 20), "cell")
     assert files(whole / "cell") == files(resumed / "cell")
     assert set(files(whole / "cell")) == {"results.json", "samples.jsonl"}
     first, second = (json.loads((d / "run.json").read_text()) for d in (whole, resumed))
