@@ -110,6 +110,11 @@ def run_pipeline(params_path: str = str(layout.PARAMS), use_dvc: bool = True, pa
     (`--no-dvc --parallel`); its workers reach this run's Prefect server through PREFECT_API_URL."""
     params = load_params(params_path)
     flow_ = pipeline_flow
+    if params.execution.task_runner == "dask" and not uses_dask(params, use_dvc, parallel):
+        import sys
+
+        print("t2: warning: execution.task_runner: dask applies to `t2 pipeline --no-dvc --parallel` only; "
+              "this run's stages run one at a time", file=sys.stderr)
     if uses_dask(params, use_dvc, parallel):
         from .dask_runner import dask_task_runner
 
