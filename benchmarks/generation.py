@@ -19,7 +19,9 @@ at EOS: completion tokens/s of the engine vs HF `generate` in batches, as `gener
 ran it); log-likelihood scoring (`dispatch.continuation_logprobs`, gold answers after each
 prompt) in forward tokens/s, and lm-eval `loglikelihood` on --arc-docs ARC-Easy docs (their
 choices) through the `transformer2` model (`loglik.token_logprobs`) vs plain HFLM at its best
-of --hflm-batches, with the largest difference in log-probability and is_greedy between them.
+of --hflm-batches, with the largest difference in log-probability and is_greedy between them; lm-eval
+`generate_until` on --gsm8k-docs GSM8K docs (harness style, 5-shot, lm-eval's stop sequences) through the
+`transformer2` model vs plain HFLM at its best of --hflm-gen-batches, with how many outputs differ.
 Prints a table and writes benchmarks/results/generation.json.
 """
 from __future__ import annotations
@@ -107,12 +109,17 @@ def main() -> None:
     ap.add_argument("--skip-hf-above", type=int, default=64, help="largest batch HF generate is timed at")
     ap.add_argument("--arc-docs", type=int, default=64, help="ARC-Easy docs for lm-eval loglikelihood (0: skip)")
     ap.add_argument("--hflm-batches", default="8,16,32", help="batch sizes tried for plain HFLM's loglikelihood")
+    ap.add_argument("--gsm8k-docs", type=int, default=64, help="GSM8K docs for lm-eval generate_until (0: skip)")
+    ap.add_argument("--hflm-gen-batches", default="32,64", help="batch sizes tried for plain HFLM's generate_until")
+    ap.add_argument("--gen-max-tokens", type=int, default=192, help="max_gen_toks of the generate_until requests "
+                    "(the default profile's eval.max_gen_toks)")
     ap.add_argument("--quick", action="store_true", help="batches 1,8, 8 new tokens, 8 prompts: a smoke run")
     ap.add_argument("--out", default="benchmarks/results/generation.json")
     args = ap.parse_args()
     if args.quick:
         args.batches, args.max_new_tokens, args.own_prompts, args.score_prompts, args.hf_batch = "1,8", 8, 8, 8, 8
         args.arc_docs, args.hflm_batches = 8, "8"
+        args.gsm8k_docs, args.hflm_gen_batches, args.gen_max_tokens = 4, "4", 16
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     N = args.max_new_tokens
@@ -219,6 +226,10 @@ def main() -> None:
     harness_ll = lm_eval_loglik(args.model_dir, args.data, args.arc_docs,
                                 [int(b) for b in args.hflm_batches.split(",")]) if args.arc_docs else None
     roof.append(roofline(args.threads))
+    harness_gen = lm_eval_generate(args.model_dir, args.data, args.gsm8k_docs,
+                                   [int(b) for b in args.hflm_gen_batches.split(",")],
+                                   args.gen_max_tokens) if args.gsm8k_docs else None
+    roof.append(roofline(args.threads))
 
     gflops = max(roof)
     roof_tok = gflops * 1e9 / (2 * params)
@@ -266,6 +277,7 @@ def main() -> None:
                    "tokens_per_s": round(score_tokens / score_s, 1),
                    "share_of_roofline": round(score_tokens / score_s / roof_tok, 4)},
         "lm_eval_loglikelihood": harness_ll,
+        "lm_eval_generate_until": harness_gen,
         "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "busy_processes": _busy(),
     }
@@ -304,6 +316,11 @@ def main() -> None:
               f"{h['transformer2_s']} s, HFLM {h['hflm_best_s']} s at batch {h['hflm_best_batch']} "
               f"({h['transformer2_over_hflm']}x); max |Δ logprob| {h['max_abs_diff']:.2e}, "
               f"is_greedy differs {h['greedy_differs']}")
+    if harness_gen:
+        h = harness_gen
+        print(f"lm-eval generate_until, {h['requests']} GSM8K docs (5-shot, {h['prompt_tokens_mean']:.0f} prompt tokens, "
+              f"<= {h['max_gen_toks']} new): transformer2 {h['transformer2_s']} s, HFLM {h['hflm_best_s']} s at batch "
+              f"{h['hflm_best_batch']} ({h['transformer2_over_hflm']}x); outputs differ on {h['outputs_differ']}")
     print("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
 
 
@@ -352,6 +369,57 @@ def lm_eval_loglik(model_dir: str, data: str, n_docs: int, hflm_batches: list[in
             "transformer2_over_hflm": round(timings[best] / ours_s, 3),
             "max_abs_diff": max(abs(a[0] - b[0]) for a, b in zip(ours, theirs)),
             "greedy_differs": sum(a[1] != b[1] for a, b in zip(ours, theirs))}
+
+
+def lm_eval_generate(model_dir: str, data: str, n_docs: int, hflm_batches: list[int], max_gen_toks: int) -> dict | None:
+    """lm-eval's GSM8K generate_until requests (harness style: its 5-shot prompts and stop sequences, as the
+    default profile's cells; n_docs docs, max_gen_toks each) through the `transformer2` model and through
+    plain HFLM (same checkpoint) at each of `hflm_batches`, with how many outputs differ."""
+    import tempfile
+
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from transformer2.harness import Transformer2LM, task_config_dir
+    from transformer2.models import ModelInfo
+
+    root = next((Path(r) for r in (data, os.environ.get("T2_DATA_DIR"),
+                                   Path(__file__).resolve().parents[2] / "shared" / "data")
+                 if r and (Path(r) / "gsm8k").is_dir()), None)
+    if root is None:
+        print("  lm-eval generate_until: no GSM8K data found, skipped")
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        manager = TaskManager(include_path=str(task_config_dir(root, Path(tmp), style="harness")),
+                              include_defaults=False)
+        task = get_task_dict(["gsm8k"], manager)["gsm8k"]
+        task.build_all_requests(limit=n_docs, rank=0, world_size=1)
+        requests = [inst for inst in task.instances if inst.request_type == "generate_until"]
+    for inst in requests:
+        inst.arguments = (inst.arguments[0], {**inst.arguments[1], "max_gen_toks": max_gen_toks})
+    checkpoint = ModelInfo.load(model_dir).path if (Path(model_dir) / "model.json").is_file() else model_dir
+    lm = Transformer2LM(pretrained=model_dir, device="cpu")
+    tokenizer = lm.tokenizer
+    t = time.perf_counter()
+    ours = lm.generate_until(requests)
+    ours_s = time.perf_counter() - t
+    print(f"  lm-eval generate_until, transformer2: {ours_s:.1f} s", flush=True)
+    del lm
+    timings, theirs = {}, None
+    for b in hflm_batches:
+        plain = HFLM(pretrained=checkpoint, device="cpu", batch_size=b)
+        t = time.perf_counter()
+        theirs = plain.generate_until(requests)
+        timings[b] = round(time.perf_counter() - t, 1)
+        print(f"  lm-eval generate_until, HFLM batch {b}: {timings[b]} s", flush=True)
+        del plain
+    best = min(timings, key=timings.get)
+    tokens = sum(len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in ours)
+    return {"docs": n_docs, "requests": len(requests), "max_gen_toks": max_gen_toks,
+            "prompt_tokens_mean": round(statistics.mean(len(tokenizer(r.arguments[0])["input_ids"]) for r in requests), 1),
+            "output_tokens": tokens, "transformer2_s": round(ours_s, 1), "hflm_s_by_batch": timings,
+            "hflm_best_batch": best, "hflm_best_s": timings[best], "transformer2_over_hflm": round(timings[best] / ours_s, 3),
+            "outputs_differ": sum(a != b for a, b in zip(ours, theirs))}
 
 
 def _as_list(x) -> list:
