@@ -58,7 +58,7 @@ def run_lora_stage(params: Params, task_name: str, model_dir: str, data_dir: str
                    "base_val_accuracy": result.base_val_accuracy, "best_val_accuracy": result.best_val_accuracy,
                    "best_step": result.best_step, "steps": s.steps, "train_docs": len(train),
                    "val_docs": len(val), "trainable_parameters": adapter.num_parameters,
-                   "train_seconds": result.seconds, "resumed_from_step": result.resumed_from,
+                   "train_seconds": result.seconds, "resumed_from_step": result.resumed_from, **result.validation_summary(),
                    **resource_metrics(t["seconds"])}
         metrics = record_training_run(result, metrics, out_dir, metrics_path, curve_path, "adapter", stage)
         log(f"{task_name} (lora, {s.objective}): validation accuracy base {result.base_val_accuracy:.3f} -> "

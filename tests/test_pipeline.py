@@ -65,6 +65,8 @@ def test_dvc_repro_runs_every_stage(project):
     assert metrics["steps"] == 2 and 0 <= metrics["best_val_accuracy"] <= 1
     assert metrics["val_n"] == 3 and len(metrics["best_val_ci95"]) == 2  # validation with its interval
     assert metrics["movement"]["matrices"] == 14 and metrics["movement"]["z_max_abs_change"] >= 0
+    lora = json.loads((root / "metrics/lora_gsm8k.json").read_text())
+    assert len(lora["base_val_ci95"]) == 2 and len(lora["best_val_ci95"]) == 2  # LoRA's validation too
     curve = (root / "plots/expert_gsm8k.csv").read_text().splitlines()
     assert curve[0].startswith("step,reward") and len(curve) == 3
     assert (root / "mlflow.db").is_file()
