@@ -324,29 +324,47 @@ def main() -> None:
     print("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
 
 
-def lm_eval_loglik(model_dir: str, data: str, n_docs: int, hflm_batches: list[int]) -> dict | None:
-    """lm-eval's ARC-Easy loglikelihood requests (n_docs docs, every choice) timed through the
-    `transformer2` model and through plain HFLM (same checkpoint) at each of `hflm_batches`."""
+def harness_requests(data: str, task_name: str, request_type: str, n_docs: int) -> list | None:
+    """The `request_type` requests of the first n_docs docs of lm-eval task `task_name` (this project's
+    harness-style YAMLs over the local data mirror), or None (said so) when no mirror holds the task."""
     import tempfile
 
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager, get_task_dict
 
-    from transformer2.harness import Transformer2LM, task_config_dir
-    from transformer2.models import ModelInfo
+    from transformer2.harness import task_config_dir
 
     root = next((Path(r) for r in (data, os.environ.get("T2_DATA_DIR"),
                                    Path(__file__).resolve().parents[2] / "shared" / "data")
-                 if r and (Path(r) / "arc_easy").is_dir()), None)
+                 if r and (Path(r) / task_name).is_dir()), None)
     if root is None:
-        print("  lm-eval loglikelihood: no ARC-Easy data found, skipped")
+        print(f"  lm-eval {request_type}: no {task_name} data found, skipped")
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        manager = TaskManager(include_path=str(task_config_dir(root, Path(tmp))), include_defaults=False)
-        task = get_task_dict(["arc_easy"], manager)["arc_easy"]
+        manager = TaskManager(include_path=str(task_config_dir(root, Path(tmp), style="harness")),
+                              include_defaults=False)
+        task = get_task_dict([task_name], manager)[task_name]
         task.build_all_requests(limit=n_docs, rank=0, world_size=1)
-        requests = [inst for inst in task.instances if inst.request_type == "loglikelihood"]
-    checkpoint = ModelInfo.load(model_dir).path if (Path(model_dir) / "model.json").is_file() else model_dir
+        return [inst for inst in task.instances if inst.request_type == request_type]
+
+
+def checkpoint_path(model_dir: str) -> str:
+    """The HF checkpoint behind the model stage's folder (plain HFLM loads it), or the folder itself."""
+    from transformer2.models import ModelInfo
+
+    return ModelInfo.load(model_dir).path if (Path(model_dir) / "model.json").is_file() else model_dir
+
+
+def lm_eval_loglik(model_dir: str, data: str, n_docs: int, hflm_batches: list[int]) -> dict | None:
+    """lm-eval's ARC-Easy loglikelihood requests (n_docs docs, every choice) timed through the
+    `transformer2` model and through plain HFLM (same checkpoint) at each of `hflm_batches`."""
+    from lm_eval.models.huggingface import HFLM
+
+    from transformer2.harness import Transformer2LM
+
+    requests = harness_requests(data, "arc_easy", "loglikelihood", n_docs)
+    if requests is None:
+        return None
+    checkpoint = checkpoint_path(model_dir)
     lm = Transformer2LM(pretrained=model_dir, device="cpu", batch_size=16)
     lm.loglikelihood(requests[:8])  # warm-up
     t = time.perf_counter()
@@ -375,29 +393,16 @@ def lm_eval_generate(model_dir: str, data: str, n_docs: int, hflm_batches: list[
     """lm-eval's GSM8K generate_until requests (harness style: its 5-shot prompts and stop sequences, as the
     default profile's cells; n_docs docs, max_gen_toks each) through the `transformer2` model and through
     plain HFLM (same checkpoint) at each of `hflm_batches`, with how many outputs differ."""
-    import tempfile
-
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager, get_task_dict
 
-    from transformer2.harness import Transformer2LM, task_config_dir
-    from transformer2.models import ModelInfo
+    from transformer2.harness import Transformer2LM
 
-    root = next((Path(r) for r in (data, os.environ.get("T2_DATA_DIR"),
-                                   Path(__file__).resolve().parents[2] / "shared" / "data")
-                 if r and (Path(r) / "gsm8k").is_dir()), None)
-    if root is None:
-        print("  lm-eval generate_until: no GSM8K data found, skipped")
+    requests = harness_requests(data, "gsm8k", "generate_until", n_docs)
+    if requests is None:
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        manager = TaskManager(include_path=str(task_config_dir(root, Path(tmp), style="harness")),
-                              include_defaults=False)
-        task = get_task_dict(["gsm8k"], manager)["gsm8k"]
-        task.build_all_requests(limit=n_docs, rank=0, world_size=1)
-        requests = [inst for inst in task.instances if inst.request_type == "generate_until"]
     for inst in requests:
         inst.arguments = (inst.arguments[0], {**inst.arguments[1], "max_gen_toks": max_gen_toks})
-    checkpoint = ModelInfo.load(model_dir).path if (Path(model_dir) / "model.json").is_file() else model_dir
+    checkpoint = checkpoint_path(model_dir)
     lm = Transformer2LM(pretrained=model_dir, device="cpu")
     tokenizer = lm.tokenizer
     t = time.perf_counter()

@@ -60,6 +60,11 @@ def _pct(x: float, signed: bool = False) -> str:
     return f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
 
 
+def _interval(ci) -> str:
+    """` [low, high]` in percent, or nothing for a record written before intervals were kept."""
+    return f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else ""
+
+
 def _fmt(cell: Optional[dict], show_n: bool = False) -> str:
     """`41.2 [35.8, 46.8]`, and for an adapted cell its paired Δ vs base: `Δ +3.8 [-0.6, +8.1], p = 0.09`
     (bold with * when p < SIGNIFICANT); n when the row's cells are not all on the same number of docs."""
@@ -67,9 +72,7 @@ def _fmt(cell: Optional[dict], show_n: bool = False) -> str:
         return "–"
     if "status" in cell:
         return cell["status"]
-    text = _pct(cell["value"])
-    if cell.get("ci95"):
-        text += " [" + ", ".join(_pct(x) for x in cell["ci95"]) + "]"
+    text = _pct(cell["value"]) + _interval(cell.get("ci95"))
     if show_n and cell.get("n_docs"):
         text += f" (n={cell['n_docs']})"
     if "delta_vs_base" in cell:
@@ -109,8 +112,7 @@ def training_table(trained: Mapping[str, dict]) -> str:
             "|---|---|---|---|---|---|---|---|---|"]
 
     def acc(m: dict, name: str) -> str:
-        ci = m.get(f"{name}_val_ci95")
-        return _pct(m[f"{name}_val_accuracy"]) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
+        return _pct(m[f"{name}_val_accuracy"]) + _interval(m.get(f"{name}_val_ci95"))
 
     for unit, m in trained.items():
         move = m.get("movement") or {}
@@ -158,11 +160,6 @@ def timing_table(cells: Cells, kinds: Sequence[str] = TABLE2_KINDS[1:], tasks: S
                         f"{c['second_pass_s']:.2f} | {'–' if ratio is None else f'{100 * ratio:.1f}%'} | "
                         f"{'–' if search is None else f'CEM {search:.0f} s'} |")
     return "\n".join(rows) + "\n" if len(rows) > 4 else ""
-
-
-def _interval(ci) -> str:
-    """` [low, high]` in percent, or nothing for a record written before intervals were kept."""
-    return f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else ""
 
 
 def dispatch_table(classifier: Optional[dict]) -> str:
