@@ -27,6 +27,7 @@ Prints a table and writes benchmarks/results/generation.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from transformer2.decoding import generate
+from transformer2.decoding import alignment, generate
 from transformer2.dispatch import continuation_logprobs
 from transformer2.generation import chat_prompts
 from transformer2.models import load_base
@@ -125,6 +126,8 @@ def main() -> None:
     N = args.max_new_tokens
 
     model, tokenizer, info = load_model(args.model_dir, args.svd_dir)
+    t = time.perf_counter()
+    kernel_alignment = {**dataclasses.asdict(alignment(model)), "measured_s": round(time.perf_counter() - t, 2)}
     params = sum(p.numel() for p in model.parameters())  # the base weights (SVF factors are buffers)
     docs, source = load_docs(args.data, max(batches + [args.own_prompts, args.score_prompts]))
     prompts = chat_prompts(tokenizer, "gsm8k", docs)
@@ -271,6 +274,7 @@ def main() -> None:
         "roofline_gflops": round(gflops, 1), "roofline_gflops_all": [round(x, 1) for x in roof],
         "roofline_tokens_per_s": round(roof_tok, 1), "stream_gb_per_s": round(bandwidth, 1),
         "kv_bytes_per_token": kv_bytes, "memory_bound_tokens_per_s": {B: round(memory_bound(B), 1) for B in batches},
+        "kernel_alignment": kernel_alignment,  # rows / keys multiples of this CPU (decoding.kernels)
         "rows": rows, "ratios": ratios, "rollouts": rollouts,
         "stop_at_eos": eos,
         "loglik": {"prompts": len(sp), "forward_tokens": score_tokens, "seconds": round(score_s, 2),

@@ -12,6 +12,7 @@ for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORM
 
 # Tiny models run far faster on one thread than on two busy cores; subprocesses inherit this.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ["T2_KERNEL_CACHE"] = ""  # every test process measures its own kernel alignment (no state across runs)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -52,39 +52,17 @@ def left_padded(rows: Sequence[Sequence[int]], pad: int, cached: int = 0) -> tup
     return ids, mask
 
 
-def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
-    n = min(len(s) for s in seqs)
-    k = 0
-    while k < n and all(s[k] == seqs[0][k] for s in seqs):
-        k += 1
-    return k
+def _prefix_cache(model, ids: list[int], groups: list[int], use_z, pad_id: int, prefill_tokens: int, align) -> list:
+    """KV of the shared prompt prefix, one slot per z group, per layer (keys, values): by the
+    engine's own prefill, so a prompt's scores are the same bits with or without the prefix
+    reuse (HF's forward rounds differently: ~5e-7 in a summed log-probability)."""
+    from .decoding.engine import prefill
+    from .decoding.kv import _KV, _round_up
 
-
-def _plain_layers(cache) -> Optional[list]:
-    """The cache's per-layer (keys, values) when every layer is a plain, growable DynamicLayer, else None."""
-    from transformers.cache_utils import DynamicLayer
-
-    layers = getattr(cache, "layers", None)
-    if not layers or not all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers):
-        return None  # sliding-window / quantised / offloaded caches: no prefix sharing
-    return [(layer.keys, layer.values) for layer in layers]
-
-
-def _prefix_cache(model, ids: list[int], groups: list[int], group_z: Optional[RowZ], batch_size: int):
-    """KV of the shared prompt prefix, one row per z group: list of (keys, values) or None."""
-    device = _device(model)
-    parts = []
-    for start in range(0, len(groups), batch_size):
-        g = torch.tensor(groups[start:start + batch_size])
-        if group_z is not None:
-            set_row_z(model, group_z, g)
-        x = torch.tensor([ids] * len(g), device=device)
-        out = model(input_ids=x, use_cache=True, logits_to_keep=1)
-        layers = _plain_layers(out.past_key_values)
-        if layers is None:
-            return None
-        parts.append(layers)
-    return [(torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts])) for i in range(len(parts[0]))]
+    kv = _KV(len(groups), _round_up(len(ids) + align.rows, align.keys), _device(model), align)
+    prefill(model, kv, [(i, g, ids, 0) for i, g in enumerate(groups)], pad=pad_id, prefill_tokens=prefill_tokens,
+            use_z=use_z)
+    return [(K[:, :, :len(ids)], V[:, :, :len(ids)]) for _, (K, V) in sorted(kv.layers.items())]
 
 
 def _logit_batches(order: Sequence[int], keep: Sequence[int], batch_size: int, vocab: int,
@@ -151,7 +129,7 @@ def token_logprobs(model, prompts: Sequence[Sequence[int]], continuations: Seque
                    pad_id: int = 0, batch_size: int = 8, group_z: Optional[RowZ] = None,
                    row_group: Optional[Sequence[int]] = None, share_prefix: bool = True,
                    min_shared_tokens: int = 16, max_logits_mb: float = 1024,
-                   prefill_tokens: int = 2048) -> ContinuationScores:
+                   prefill_tokens: int = 2048, align=None) -> ContinuationScores:
     """The kernel, on token ids: Σ log p(continuation | prompt) for each prompt's candidates,
     and whether every continuation token is the argmax (lm-eval's is_greedy).
 
@@ -160,8 +138,7 @@ def token_logprobs(model, prompts: Sequence[Sequence[int]], continuations: Seque
     the other prompts of a batch, nor a candidate's on the other candidates (a resumed lm-eval
     run reproduces its cached answers bit for bit):
     - the token prefix shared by all prompts (a system prompt, few-shot examples) runs once per
-      z group (when it has >= `min_shared_tokens` tokens and the model's cache is a plain
-      DynamicCache) and is copied into every row;
+      z group (when it has >= `min_shared_tokens` tokens) and is copied into every row;
     - per batch of <= `batch_size` prompts: one packed prefill of each prompt's own tokens but
       its last, then one packed forward of every candidate (the last prompt token + the
       candidate but its last token) into its prompt's slot, with logits for every position.
@@ -171,8 +148,9 @@ def token_logprobs(model, prompts: Sequence[Sequence[int]], continuations: Seque
     group_z[name][row_group[i]] (the per-sample factored path of SVFLinear; `row_group` defaults
     to one group per row); without it, with whatever weights the model has active.
     """
-    from .decoding.engine import prefill
-    from .decoding.kv import KV_ALIGN, ROW_ALIGN, _KV, _forward, _round_up
+    from .decoding.engine import _common_prefix, prefill
+    from .decoding.kernels import alignment
+    from .decoding.kv import _KV, _forward, _round_up
 
     prompt_ids = [[int(t) for t in p] for p in prompts]
     per_prompt = [[[int(t) for t in c] for c in cands] for cands in continuations]
@@ -197,22 +175,23 @@ def token_logprobs(model, prompts: Sequence[Sequence[int]], continuations: Seque
     # the prompts' shared prefix, once per z group; every prompt keeps >= 1 token of its own
     C = min(_common_prefix(prompt_ids), min(len(ids) for ids in prompt_ids) - 1) \
         if share_prefix and len(prompt_ids) > 1 else 0
+    al = align or alignment(model)
     prefix, slot = None, {}
     if C >= min_shared_tokens:
         used = sorted(set(groups))
         slot = {g: i for i, g in enumerate(used)}
-        prefix = _prefix_cache(model, prompt_ids[0][:C], used, group_z, batch_size)
-    if prefix is None:
+        prefix = _prefix_cache(model, prompt_ids[0][:C], used, use_z, pad_id, prefill_tokens, al)
+    else:
         C = 0
 
     out_lp: list[list[float]] = [[] for _ in prompt_ids]
     out_g: list[list[bool]] = [[] for _ in prompt_ids]
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))  # similar KV lengths per batch
-    scored = [sum(_round_up(len(c), ROW_ALIGN) for c in cands) for cands in per_prompt]
+    scored = [sum(_round_up(len(c), al.rows) for c in cands) for cands in per_prompt]
     vocab = model.get_output_embeddings().weight.shape[0]
     for idx in _logit_batches(order, scored, batch_size, vocab, max_logits_mb):
-        length = _round_up(max(len(prompt_ids[i]) + max(map(len, per_prompt[i])) for i in idx) + ROW_ALIGN, KV_ALIGN)
-        kv = _KV(len(idx), length, device)
+        length = _round_up(max(len(prompt_ids[i]) + max(map(len, per_prompt[i])) for i in idx) + al.rows, al.keys)
+        kv = _KV(len(idx), length, device, al)
         if prefix is not None:  # the shared prefix's KV into every prompt's slot
             src = torch.tensor([slot[groups[i]] for i in idx], device=device)
             for layer, (K, V) in enumerate(prefix):
@@ -226,7 +205,7 @@ def token_logprobs(model, prompts: Sequence[Sequence[int]], continuations: Seque
         for b, i in enumerate(idx):
             start = len(prompt_ids[i]) - 1
             for cand in per_prompt[i]:
-                n = _round_up(len(cand), ROW_ALIGN)
+                n = _round_up(len(cand), al.rows)
                 segments.append((b, start, len(ids), n))
                 spans.append((len(ids), len(cand)))
                 ids += [prompt_ids[i][-1]] + cand[:-1] + [pad_id] * (n - len(cand))
@@ -248,6 +227,26 @@ def token_logprobs(model, prompts: Sequence[Sequence[int]], continuations: Seque
                 out_g[i].append(all(hit[off:off + n]))
                 k += 1
     return ContinuationScores(out_lp, [[len(c) for c in cands] for cands in per_prompt], out_g)
+
+
+def scores_match_alone(model, align) -> bool:
+    """`token_logprobs` with these row/key multiples gives every prompt's scores bit for bit
+    alone and among others (random prompts sharing a prefix, so the prefix KV is reused, and
+    packed candidates): the scorer's half of `decoding.kernels.alignment`'s end-to-end check."""
+    g = torch.Generator().manual_seed(1)
+    vocab = model.get_input_embeddings().num_embeddings
+    rand = lambda n: torch.randint(vocab, (n,), generator=g).tolist()
+    head = rand(24)
+    prompts = [head + rand(n) for n in (1, 7, 19, 40)]
+    conts = [[rand(n) for n in ks] for ks in ((1, 3), (5,), (2, 9, 4), (6, 1))]
+    with torch.inference_mode():
+        together = token_logprobs(model, prompts, conts, batch_size=4, align=align)
+        for i in range(len(prompts)):
+            alone = token_logprobs(model, [prompts[i]], [conts[i]], align=align)
+            if alone.logprob[0] != together.logprob[i]:
+                return False
+        pair = token_logprobs(model, prompts[1:3], conts[1:3], batch_size=2, align=align)
+    return pair.logprob == together.logprob[1:3]
 
 
 def continuation_logprobs_grad(model, tokenizer, prompts: Sequence[str], continuations: Sequence[str]):

@@ -17,13 +17,15 @@ function (a registered `AttentionInterface`) for one that owns a preallocated KV
   (benchmarks/generation.py: 8 copies of 4 prompts prefill in 0.78 s vs 5.48 s for 32 prompts).
 
 Batch invariance (bitwise): a row's logits, hence its tokens, never depend on padding, batch
-size or the other rows. Kernels can round differently for different shapes; on this machine's
-MKL (see `tests/test_decoding.py`): a linear layer's output row depends on the row count M
-only when M is not a multiple of 4 (M < 4 is a gemv; threaded, M in 5..11 splits unevenly);
-SDPA's CPU flash kernel splits keys into length-dependent blocks, so trailing padding changes
-a row; a plain q·kᵀ matmul changes a column unless the key count is a multiple of 4. Hence:
-every forward has a multiple of 4 rows (decode) or tokens per prompt piece (prefill), and
-attention is matmul + softmax over a key length rounded up to 16 whose masked keys trail.
+size or the other rows — where this CPU's kernels allow it. Kernels can round differently for
+different shapes: on the AMD EPYC this was built on (MKL in torch 2.13) a linear layer's output
+row depends on the row count M only when M is not a multiple of 4 (M < 4 is a gemv; threaded,
+M in 5..11 splits unevenly); SDPA's CPU flash kernel splits keys into length-dependent blocks, so
+trailing padding changes a row; a plain q·kᵀ matmul changes a column unless the key count is a
+multiple of 8 (16 is used). Another CPU needs other multiples, so `kernels.alignment(model)`
+measures them per machine (rows R, keys K): every forward has a multiple of R rows (decode) or
+tokens per prompt piece (prefill), and attention is matmul + softmax over a key length rounded
+up to K whose masked keys trail. Where no R, K works it says so (`Alignment.invariant`).
 `batch_invariant=False` drops the row padding (faster at batch 1, where M=1 is a gemv).
 
 Not kept: `torch.compile` of the decode step (dynamic shapes: ~19 min of compiling on this
@@ -36,5 +38,6 @@ bandwidth (17.9 GB/s, i.e. ~1200 tok/s at batch 64 for 538 MB of weights + the K
 """
 from .backend import DecodingBackend, TorchBackend
 from .engine import generate, pad_batch
+from .kernels import Alignment, alignment
 
-__all__ = ["DecodingBackend", "TorchBackend", "generate", "pad_batch"]
+__all__ = ["Alignment", "DecodingBackend", "TorchBackend", "alignment", "generate", "pad_batch"]

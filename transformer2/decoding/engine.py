@@ -2,6 +2,7 @@
 group, per-row SVF z that follows rows as they are compacted, stop ids and stop checks."""
 from __future__ import annotations
 
+import random
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -9,8 +10,9 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
-from ..svf import RowZ, preserved_svf_state, set_row_z
-from .kv import KV_ALIGN, ROW_ALIGN, _KV, _forward, _round_up
+from ..svf import RowZ, preserved_svf_state, set_row_z, svf_layers
+from .kernels import Alignment, alignment
+from .kv import _KV, _forward, _round_up
 from .sampling import _pick, _row_uniforms
 
 PIECE = 512       # longest prefill piece of one prompt (bounds the (heads, piece, keys) scores)
@@ -26,10 +28,10 @@ def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
 def prefill(model, kv: _KV, items: Sequence[tuple[int, int, Sequence[int], int]], *, pad: int,
             prefill_tokens: int, use_z: Optional[Callable[[list], None]] = None, clock: Optional[dict] = None) -> None:
     """Write prompts' KV into `kv`: items are (slot, row, tokens, first position). Prompts are cut
-    into pieces of <= PIECE tokens, each padded to a multiple of ROW_ALIGN, and packed into
+    into pieces of <= PIECE tokens, each padded to a multiple of `kv.align.rows`, and packed into
     forwards of about `prefill_tokens`; a prompt's pieces run in order. `use_z(rows)` sets the
     per-token SVF z (one row id per input token); `clock` adds up seconds and tokens."""
-    device = next(model.parameters()).device
+    device, align = next(model.parameters()).device, kv.align.rows
     pieces = []
     for slot, row, toks, start in items:
         for a in range(0, len(toks), PIECE):
@@ -38,10 +40,10 @@ def prefill(model, kv: _KV, items: Sequence[tuple[int, int, Sequence[int], int]]
         batch, total = [], 0
         while pieces and (not batch or total + len(pieces[0][2]) <= prefill_tokens):
             batch.append(pieces.pop(0))
-            total += _round_up(len(batch[-1][2]), ROW_ALIGN)
+            total += _round_up(len(batch[-1][2]), align)
         ids, pos, rows, segments = [], [], [], []
         for slot, row, toks, start in batch:
-            n = _round_up(len(toks), ROW_ALIGN)
+            n = _round_up(len(toks), align)
             segments.append((slot, start, len(ids), n))
             ids += toks + [pad] * (n - len(toks))
             pos += range(start, start + n)
@@ -60,19 +62,20 @@ class _Decoder:
     """The state of one `generate` call: KV slots, the rows in them, and the waiting prompts."""
 
     def __init__(self, model, prompts, *, max_new_tokens, stop_ids, pad_id, row_z, row_group, token_budget,
-                 max_batch, share_prefix, min_shared_tokens, prefill_tokens, batch_invariant):
+                 max_batch, share_prefix, min_shared_tokens, prefill_tokens, batch_invariant, align: Alignment):
         self.model, self.prompts, self.max_new, self.pad = model, prompts, max_new_tokens, pad_id
         self.device = next(model.parameters()).device
         self.stop = torch.tensor(sorted({int(s) for s in stop_ids}), dtype=torch.long, device=self.device)
         n = len(prompts)
         self.row_z = row_z
         self.groups = [0] * n if row_z is None else list(range(n)) if row_group is None else [int(g) for g in row_group]
-        self.prefill_tokens, self.align = prefill_tokens, ROW_ALIGN if batch_invariant else 1
+        al = align
+        self.prefill_tokens, self.align = prefill_tokens, al.rows if batch_invariant else 1
         longest = max(len(p) for p in prompts)
-        length = _round_up(longest + max_new_tokens + ROW_ALIGN, KV_ALIGN)
-        cap = lambda k: max(ROW_ALIGN, k // ROW_ALIGN * ROW_ALIGN)
-        self.slots = min(_round_up(n, ROW_ALIGN), cap(max_batch), cap(token_budget // length))
-        self.kv = _KV(self.slots, length, self.device)
+        length = _round_up(longest + max_new_tokens + al.rows, al.keys)
+        cap = lambda k: max(al.rows, k // al.rows * al.rows)
+        self.slots = min(_round_up(n, al.rows), cap(max_batch), cap(token_budget // length))
+        self.kv = _KV(self.slots, length, self.device, al)
         self.rid: list[Optional[int]] = [None] * self.slots  # slot -> input row
         z = lambda: torch.zeros(self.slots, dtype=torch.long, device=self.device)
         self.pos, self.tok, self.steps = z(), z(), z()  # next token's position, next token, tokens generated
@@ -92,7 +95,7 @@ class _Decoder:
             used = sorted(set(self.groups))
             if shared >= min_shared_tokens and len(used) <= self.slots:
                 self.shared, self.group_slot = shared, {g: i for i, g in enumerate(used)}
-                self.prefix = _KV(len(used), _round_up(shared + ROW_ALIGN, KV_ALIGN), self.device)
+                self.prefix = _KV(len(used), _round_up(shared + al.rows, al.keys), self.device, al)
                 reps = [self.groups.index(g) for g in used]  # a group's first row stands for it
                 self._prefill(self.prefix, [(i, r, prompts[r][:shared], 0) for i, r in enumerate(reps)])
 
@@ -111,7 +114,7 @@ class _Decoder:
     def admit(self) -> None:
         """Move waiting prompts into free slots: shared prefix copied, the rest prefilled."""
         free = self.slots - self.active
-        if not self.queue or free < min(len(self.queue), ROW_ALIGN):
+        if not self.queue or free < min(len(self.queue), self.kv.align.rows):
             return
         new = [self.queue.popleft() for _ in range(min(free, len(self.queue)))]
         a, C = self.active, self.shared
@@ -190,6 +193,56 @@ class _Decoder:
         self.pos[m:self.active] = 0  # dead slots attend to their own slot 0 only
         self.active = m
 
+    def run(self, pick: Callable[[list, torch.Tensor], torch.Tensor], stop_check=None, progress=None) -> None:
+        """Admit and step until every prompt has finished."""
+        done = 0
+        while self.queue or self.active:
+            self.admit()
+            finished = self.step(pick, stop_check)
+            if finished and progress is not None:
+                done += finished
+                progress(done, len(self.prompts))
+
+
+def rows_match_alone(model, align: Alignment) -> bool:
+    """The engine's own check that, with these multiples, a row's logits are the same bits alone
+    and in batches (random prompts, with and without a shared prefix, per-row SVF z if the model
+    has SVF layers, slots freed and refilled), and so is a packed prefill's. `kernels.alignment`
+    runs it once per model shape: it catches what a kernel-level probe can miss."""
+    g = torch.Generator().manual_seed(0)
+    vocab = model.get_input_embeddings().num_embeddings
+    rand = lambda n: torch.randint(vocab, (n,), generator=g).tolist()
+    head = rand(20)
+    prompts = [rand(n) for n in (1, 13, 47)] + [head + rand(n) for n in (3, 22)]
+    layers = svf_layers(model)
+    zs = [None] + ([{n: 1 + 0.3 * torch.randn(len(prompts), layer.rank, generator=g).to(layer.S)
+                     for n, layer in layers.items()}] if layers else [])
+
+    def logits(rows: list, row_z, **kw) -> dict:
+        seen: dict = {}
+
+        def pick(rids, lg):
+            for r, x in zip(rids, lg):
+                seen.setdefault(rows[r], []).append(x.clone())
+            return lg.argmax(-1)
+
+        sub = None if row_z is None else {n: z[rows] for n, z in row_z.items()}
+        _Decoder(model, [prompts[i] for i in rows], max_new_tokens=3, stop_ids=(), pad_id=0, row_z=sub, row_group=None,
+                 token_budget=1 << 30, min_shared_tokens=16, prefill_tokens=kw.pop("prefill_tokens", 2048),
+                 batch_invariant=True, align=align, **kw).run(pick)
+        return seen
+
+    order = random.Random(0).sample(range(len(prompts)), len(prompts))
+    with preserved_svf_state(model), _eval_mode(model), torch.inference_mode():
+        for row_z in zs:
+            alone = {i: logits([i], row_z, max_batch=64, share_prefix=False)[i] for i in range(len(prompts))}
+            for kw in (dict(max_batch=64, share_prefix=True), dict(max_batch=2 * align.rows, share_prefix=False,
+                                                                   prefill_tokens=48)):
+                seen = logits(order, row_z, **kw)
+                if any(len(seen[i]) != len(alone[i]) or not all(map(torch.equal, seen[i], alone[i])) for i in alone):
+                    return False
+    return True
+
 
 @torch.inference_mode()
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_ids: Sequence[int] = (),
@@ -230,21 +283,17 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, st
         u = None if uniforms is None else uniforms[rows, dec.steps[:len(rows)].cpu()].to(logits.device)
         return _pick(logits, u, temperature, top_p)
 
+    align = alignment(model)
     with preserved_svf_state(model), _eval_mode(model):
         dec = _Decoder(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
                        row_z=row_z, row_group=row_group, token_budget=token_budget, max_batch=max_batch,
                        share_prefix=share_prefix, min_shared_tokens=min_shared_tokens,
-                       prefill_tokens=prefill_tokens, batch_invariant=batch_invariant)
-        done = 0
-        while dec.queue or dec.active:
-            dec.admit()
-            finished = dec.step(pick, stop_check)
-            if finished and progress is not None:
-                done += finished
-                progress(done, len(prompts))
+                       prefill_tokens=prefill_tokens, batch_invariant=batch_invariant, align=align)
+        dec.run(pick, stop_check, progress)
     if stats is not None:
         stats.update(dec.clock, seconds=time.perf_counter() - start, slots=dec.slots, shared_prefix=dec.shared,
-                     generated=sum(len(o) for o in dec.out))
+                     generated=sum(len(o) for o in dec.out), row_align=align.rows, key_align=align.keys,
+                     batch_invariant=batch_invariant and align.invariant)
     return dec.out
 
 

@@ -1,7 +1,7 @@
 """The engine's KV buffer and the attention function it registers with transformers.
 
 Rows are left-aligned (row r's token t sits in slot t), keys are padded to a multiple of
-KV_ALIGN with exact zeros that trail, and attention is matmul + softmax over them: the shapes
+`align.keys` (see kernels.py) with exact zeros that trail, and attention is matmul + softmax over them: the shapes
 that keep a row's result independent of the other rows (see the package docstring).
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Iterator, Optional
 
 import torch
 
-ROW_ALIGN = 4     # decode rows and prefill pieces come in multiples of this
-KV_ALIGN = 16     # attention runs over a key length rounded up to this
+from .kernels import Alignment
+
 _IMPL = "t2_engine"
 _local = threading.local()  # the KV buffer of the forward running in this thread
 
@@ -50,8 +50,8 @@ class _KV:
     per-row SVF z can be given per token.
     """
 
-    def __init__(self, slots: int, length: int, device: torch.device):
-        self.slots, self.length, self.device = slots, length, device
+    def __init__(self, slots: int, length: int, device: torch.device, align: Alignment):
+        self.slots, self.length, self.device, self.align = slots, length, device, align
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.segments: list[tuple[int, int, int, int]] = []
         self.pos: Optional[torch.Tensor] = None
@@ -63,7 +63,7 @@ class _KV:
 
     def set_decode(self, pos: torch.Tensor, longest: int) -> None:
         self.pos, self._masks = pos, {}
-        self.kv_len = min(_round_up(longest + 1, KV_ALIGN), self.length)
+        self.kv_len = min(_round_up(longest + 1, self.align.keys), self.length)
 
     def buffers(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if layer not in self.layers:  # zeros, not empty: masked slots must hold finite values (0·NaN = NaN)
@@ -90,7 +90,7 @@ class _KV:
         for i, (slot, start, off, n) in enumerate(self.segments):  # prefill: one piece of one prompt at a time
             K[slot, :, start:start + n] = key[off:off + n, :, 0].transpose(0, 1)
             V[slot, :, start:start + n] = value[off:off + n, :, 0].transpose(0, 1)
-            L = min(_round_up(start + n, KV_ALIGN), self.length)
+            L = min(_round_up(start + n, self.align.keys), self.length)
             if (i, window, g) not in self._masks:
                 q_pos = torch.arange(start, start + n, device=self.device)[:, None]
                 self._masks[i, window, g] = _visible(q_pos, L, window).repeat(g, 1)
