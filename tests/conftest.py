@@ -132,3 +132,10 @@ def tiny_project(tmp_path_factory, tiny_model_dir, mirror) -> Path:
         (art / "eval" / f"base_{task}" / "samples.jsonl").write_text("")
     (root / "metrics").mkdir()
     return root
+
+
+def pytest_report_header(config):
+    """The CPU, torch and BLAS a run's bitwise results were checked on (decoding.kernels)."""
+    from transformer2.decoding.kernels import _machine
+
+    return f"kernels: {_machine()}"
