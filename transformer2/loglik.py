@@ -233,9 +233,9 @@ def scores_match_alone(model, align) -> bool:
     """`token_logprobs` with these row/key multiples gives every prompt's scores bit for bit
     alone and among others (random prompts sharing a prefix, so the prefix KV is reused, and
     packed candidates): the scorer's half of `decoding.kernels.alignment`'s end-to-end check."""
-    g = torch.Generator().manual_seed(1)
-    vocab = model.get_input_embeddings().num_embeddings
-    rand = lambda n: torch.randint(vocab, (n,), generator=g).tolist()
+    from .decoding.kernels import random_prompt_maker
+
+    rand = random_prompt_maker(model, seed=1)
     head = rand(24)
     prompts = [head + rand(n) for n in (1, 7, 19, 40)]
     conts = [[rand(n) for n in ks] for ks in ((1, 3), (5,), (2, 9, 4), (6, 1))]

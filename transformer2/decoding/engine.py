@@ -11,7 +11,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from ..svf import RowZ, preserved_svf_state, set_row_z, svf_layers
-from .kernels import Alignment, alignment
+from .kernels import Alignment, alignment, random_prompt_maker
 from .kv import _KV, _forward, _round_up
 from .sampling import _pick, _row_uniforms
 
@@ -69,13 +69,12 @@ class _Decoder:
         n = len(prompts)
         self.row_z = row_z
         self.groups = [0] * n if row_z is None else list(range(n)) if row_group is None else [int(g) for g in row_group]
-        al = align
-        self.prefill_tokens, self.align = prefill_tokens, al.rows if batch_invariant else 1
+        self.prefill_tokens, self.align = prefill_tokens, align.rows if batch_invariant else 1
         longest = max(len(p) for p in prompts)
-        length = _round_up(longest + max_new_tokens + al.rows, al.keys)
-        cap = lambda k: max(al.rows, k // al.rows * al.rows)
-        self.slots = min(_round_up(n, al.rows), cap(max_batch), cap(token_budget // length))
-        self.kv = _KV(self.slots, length, self.device, al)
+        length = _round_up(longest + max_new_tokens + align.rows, align.keys)
+        cap = lambda k: max(align.rows, k // align.rows * align.rows)
+        self.slots = min(_round_up(n, align.rows), cap(max_batch), cap(token_budget // length))
+        self.kv = _KV(self.slots, length, self.device, align)
         self.rid: list[Optional[int]] = [None] * self.slots  # slot -> input row
         z = lambda: torch.zeros(self.slots, dtype=torch.long, device=self.device)
         self.pos, self.tok, self.steps = z(), z(), z()  # next token's position, next token, tokens generated
@@ -95,7 +94,7 @@ class _Decoder:
             used = sorted(set(self.groups))
             if shared >= min_shared_tokens and len(used) <= self.slots:
                 self.shared, self.group_slot = shared, {g: i for i, g in enumerate(used)}
-                self.prefix = _KV(len(used), _round_up(shared + al.rows, al.keys), self.device, al)
+                self.prefix = _KV(len(used), _round_up(shared + align.rows, align.keys), self.device, align)
                 reps = [self.groups.index(g) for g in used]  # a group's first row stands for it
                 self._prefill(self.prefix, [(i, r, prompts[r][:shared], 0) for i, r in enumerate(reps)])
 
@@ -210,8 +209,7 @@ def rows_match_alone(model, align: Alignment) -> bool:
     has SVF layers, slots freed and refilled), and so is a packed prefill's. `kernels.alignment`
     runs it once per model shape: it catches what a kernel-level probe can miss."""
     g = torch.Generator().manual_seed(0)
-    vocab = model.get_input_embeddings().num_embeddings
-    rand = lambda n: torch.randint(vocab, (n,), generator=g).tolist()
+    rand = random_prompt_maker(model, seed=0)
     head = rand(20)
     prompts = [rand(n) for n in (1, 13, 47)] + [head + rand(n) for n in (3, 22)]
     layers = svf_layers(model)
@@ -228,16 +226,16 @@ def rows_match_alone(model, align: Alignment) -> bool:
 
         sub = None if row_z is None else {n: z[rows] for n, z in row_z.items()}
         _Decoder(model, [prompts[i] for i in rows], max_new_tokens=3, stop_ids=(), pad_id=0, row_z=sub, row_group=None,
-                 token_budget=1 << 30, min_shared_tokens=16, prefill_tokens=kw.pop("prefill_tokens", 2048),
-                 batch_invariant=True, align=align, **kw).run(pick)
+                 token_budget=1 << 30, min_shared_tokens=16, batch_invariant=True, align=align, **kw).run(pick)
         return seen
 
     order = random.Random(0).sample(range(len(prompts)), len(prompts))
     with preserved_svf_state(model), _eval_mode(model), torch.inference_mode():
         for row_z in zs:
-            alone = {i: logits([i], row_z, max_batch=64, share_prefix=False)[i] for i in range(len(prompts))}
-            for kw in (dict(max_batch=64, share_prefix=True), dict(max_batch=2 * align.rows, share_prefix=False,
-                                                                   prefill_tokens=48)):
+            alone = {i: logits([i], row_z, max_batch=64, share_prefix=False, prefill_tokens=2048)[i]
+                     for i in range(len(prompts))}
+            for kw in (dict(max_batch=64, share_prefix=True, prefill_tokens=2048),
+                       dict(max_batch=2 * align.rows, share_prefix=False, prefill_tokens=48)):
                 seen = logits(order, row_z, **kw)
                 if any(len(seen[i]) != len(alone[i]) or not all(map(torch.equal, seen[i], alone[i])) for i in alone):
                     return False

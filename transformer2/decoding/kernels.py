@@ -17,6 +17,7 @@ at a near-tie.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -56,6 +57,7 @@ def _cache_file() -> Optional[Path]:
     return Path(base) / "transformer2" / "kernel_alignment.json"
 
 
+@functools.lru_cache(maxsize=None)
 def _machine() -> str:
     """What a kernel's rounding depends on besides shapes: the CPU, its ISA level, torch and its BLAS."""
     name = platform.processor()
@@ -161,8 +163,8 @@ def _attention_stable(kv_heads: int, group: int, d: int, keys: int, dtype, g: to
 def alignment(model) -> Alignment:
     """The smallest row and key multiples that keep this model's rows batch-invariant here:
     measured once per (CPU, torch, shapes, dtype, thread count) and kept in `_cache_file()`;
-    ~0.3 s for a tiny model, 13-19 s for SmolLM2-135M on this project's 2 cores. A kernel-level probe picks the first candidate; the engine's own end-to-end
-    check (`engine.rows_match_alone`, `loglik.scores_match_alone`) must confirm it, else larger
+    ~0.3 s for a tiny model, 13-19 s for SmolLM2-135M on this project's 2 cores. A kernel-level
+    probe picks the first candidate; the engine's own end-to-end check (`engine.rows_match_alone`, `loglik.scores_match_alone`) must confirm it, else larger
     multiples are tried."""
     param = next(model.parameters())
     if param.device.type != "cpu":  # not probed on accelerators: no invariance claimed
@@ -190,10 +192,17 @@ def _measure(model, specs, head, dtype) -> Alignment:
     from .engine import _eval_mode, rows_match_alone
 
     with preserved_svf_state(model), _eval_mode(model):  # a LoRA model mid-training: no dropout here
-        return _search(model, specs, head, dtype, lambda a: rows_match_alone(model, a) and scores_match_alone(model, a))
+        return _search(specs, head, dtype, lambda a: rows_match_alone(model, a) and scores_match_alone(model, a))
 
 
-def _search(model, specs, head, dtype, confirmed) -> Alignment:
+def random_prompt_maker(model, seed: int):
+    """n -> n random token ids of the model's vocabulary (the end-to-end checks' inputs)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.get_input_embeddings().num_embeddings
+    return lambda n: torch.randint(vocab, (n,), generator=g).tolist()
+
+
+def _search(specs, head, dtype, confirmed) -> Alignment:
     g = torch.Generator().manual_seed(0)
     rows = [a for a in ROW_CHOICES if all(_rows_stable(*s, a, dtype, g) for s in specs)] or [ROW_CHOICES[0]]
     keys = [k for k in KEY_CHOICES if _attention_stable(*head, k, dtype, g)] or [KEY_CHOICES[0]]

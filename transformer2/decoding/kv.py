@@ -1,8 +1,9 @@
 """The engine's KV buffer and the attention function it registers with transformers.
 
 Rows are left-aligned (row r's token t sits in slot t), keys are padded to a multiple of
-`align.keys` (see kernels.py) with exact zeros that trail, and attention is matmul + softmax over them: the shapes
-that keep a row's result independent of the other rows (see the package docstring).
+`align.keys` (see kernels.py) with exact zeros that trail, and attention is matmul + softmax
+over them: the shapes that keep a row's result independent of the other rows (see the package
+docstring).
 """
 from __future__ import annotations
 
