@@ -6,6 +6,7 @@ import torch
 from transformer2.adapters import SVFAdapter
 from transformer2.config import ConfigError, parse_params
 from transformer2.generation import chat_prompts, rollout
+from transformer2.models import TINY_ARCHS
 from transformer2.rl import advantages, completion_logits, reinforce_objective, token_logprobs
 from transformer2.settings import LoopConfig, RLObjectiveConfig
 from transformer2.stats import wilson_interval
@@ -64,7 +65,7 @@ def test_config_builds_the_objective_per_task():
     assert (mbpp.samples_per_prompt, mbpp.baseline) == (1, "none")
 
 
-def test_k_samples_go_through_one_rollout_per_chunk_with_whole_prompts(tmp_path, monkeypatch):
+def test_k_samples_of_a_step_go_through_one_rollout(tmp_path, monkeypatch):
     import transformer2.rl as rl
 
     model, tokenizer, expert = svf_model(tmp_path)
@@ -82,7 +83,7 @@ def test_k_samples_go_through_one_rollout_per_chunk_with_whole_prompts(tmp_path,
     cfg = RLObjectiveConfig(max_new_tokens=3, do_sample=True, samples_per_prompt=3, baseline="rloo", micro_batch_size=7)
     m = reinforce_objective(model, tokenizer, adapter, "gsm8k", cfg)(DOCS[:4])
     prompts = chat_prompts(tokenizer, "gsm8k", DOCS[:4])
-    assert calls == [[p for p in prompts[:2] for _ in range(3)], [p for p in prompts[2:4] for _ in range(3)]]
+    assert calls == [[p for p in prompts for _ in range(3)]]  # chunks of 7 // 3 = 2 prompts learn from it
     assert m["samples"] == 12 and m["reward"] == pytest.approx(-1 / 3) and m["accuracy"] == pytest.approx(1 / 3)
     assert m["mixed_reward_fraction"] == 1.0 and m["nonzero_advantage_fraction"] == 1.0
     assert m["mean_abs_advantage"] == pytest.approx(4 / 3)  # rewards (1, −1, −1) per prompt: |A| = 2, 1, 1
@@ -156,6 +157,45 @@ def test_the_batch_baseline_sees_every_chunk_of_the_step(tmp_path, monkeypatch):
     assert any(g.abs().sum() > 0 for g in grads[0].values())
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_a_prompt_shared_by_its_k_samples_gives_the_plain_forwards_logits_and_gradients(tmp_path, arch):
+    """completion_logits(copies=k) runs each prompt once and repeats its KV cache: the same
+    log-probs and z-gradients as k full forwards, to float rounding (k = 3; chunk of 2 prompts
+    with different lengths, so left padding and ragged answers are covered)."""
+    model, tokenizer, expert = svf_model(tmp_path, arch)
+    adapter = SVFAdapter(model, expert)
+    prompts = [p for p in chat_prompts(tokenizer, "gsm8k", [DOCS[0], {**DOCS[1], "question": "Why " * 9}])
+               for _ in range(3)]
+    with adapter.inference():
+        ro = rollout(model, tokenizer, prompts, max_new_tokens=5, do_sample=True)
+    assert ro.attention_mask[:, 0].sum() < len(prompts)  # left padding present
+    result = {}
+    for copies in (1, 3):
+        for z in adapter.trainable():
+            z.grad = None
+        logp, mask = token_logprobs(completion_logits(model, ro, copies), ro)
+        (logp * mask).sum().backward()
+        result[copies] = (logp * mask, {n: z.grad.clone() for n, z in adapter.live.items()})
+    assert torch.allclose(result[1][0], result[3][0], atol=1e-5)
+    for n in result[1][1]:
+        assert torch.allclose(result[1][1][n], result[3][1][n], atol=1e-5, rtol=1e-4), n
+    with pytest.raises(ValueError, match="consecutive copies"):
+        completion_logits(model, ro, 2)
+
+
+def test_rows_of_a_rollout_drop_columns_padded_in_all_of_them(tmp_path):
+    model, tokenizer, _ = svf_model(tmp_path)
+    docs = [DOCS[0], {**DOCS[1], "question": "Why " * 9}]
+    ro = rollout(model, tokenizer, chat_prompts(tokenizer, "gsm8k", docs), max_new_tokens=4)
+    short = ro.rows(0, 1)
+    n = int(ro.attention_mask[0].sum())
+    assert short.input_ids.shape[1] == n and short.attention_mask.all()
+    P = short.prompt_length
+    assert torch.equal(short.input_ids[0, :P], ro.input_ids[0, ro.prompt_length - P:ro.prompt_length])
+    assert short.completion_tokens == int(ro.completion_mask[0].sum()) and short.texts == ro.texts[:1]
+    assert torch.equal(ro.rows(0, 2).input_ids, ro.input_ids) and ro.rows(0, 2).prompt_length == ro.prompt_length
 
 
 def test_one_greedy_sample_without_baseline_is_the_reference_estimator(tmp_path, monkeypatch):

@@ -28,6 +28,17 @@ class Rollout:
     def completion_tokens(self) -> int:
         return int(self.completion_mask.sum())
 
+    def rows(self, start: int, stop: int) -> "Rollout":
+        """Rows start:stop, without the columns that are padding in all of them (a chunk of short
+        prompts or short answers does not pay for the longest row of the whole rollout)."""
+        attn = self.attention_mask[start:stop]
+        used = attn.any(0).nonzero().squeeze(1)
+        first = min(int(used[0]), self.prompt_length) if len(used) else self.prompt_length
+        last = max(int(used[-1]) + 1, self.prompt_length) if len(used) else self.prompt_length
+        cols = slice(first, last)
+        return Rollout(self.input_ids[start:stop, cols], attn[:, cols], self.completion_mask[start:stop, cols],
+                       self.texts[start:stop], self.prompt_length - first)
+
 
 @contextmanager
 def left_padding(tokenizer) -> Iterator[None]:

@@ -26,11 +26,32 @@ from .generation import Rollout, chat_prompts, rollout
 from .settings import RLObjectiveConfig
 
 
-def completion_logits(model, ro: Rollout) -> torch.Tensor:
-    """Logits that predict each completion token: (B, C, V), computed only where needed."""
-    C = ro.input_ids.shape[1] - ro.prompt_length
-    out = model(input_ids=ro.input_ids, attention_mask=ro.attention_mask, logits_to_keep=C + 1)
-    return out.logits[:, :-1].float()  # position t predicts token t+1
+def completion_logits(model, ro: Rollout, copies: int = 1) -> torch.Tensor:
+    """Logits that predict each completion token: (B, C, V), computed only where needed.
+
+    `copies` = k: rows come as k consecutive copies of each prompt (k samples per prompt). The
+    prompt then runs once per distinct prompt and its KV cache (gradients included) is repeated
+    k times for the completions: the same logits as the plain forward up to float rounding, at
+    P + k·C tokens per prompt instead of k·(P + C).
+    """
+    P, C = ro.prompt_length, ro.input_ids.shape[1] - ro.prompt_length
+    if copies == 1 or C == 0:
+        out = model(input_ids=ro.input_ids, attention_mask=ro.attention_mask, logits_to_keep=C + 1)
+        return out.logits[:, :-1].float()  # position t predicts token t+1
+    B = ro.input_ids.shape[0]
+    if B % copies or not torch.equal(ro.input_ids[:, :P].view(B // copies, copies, P),
+                                     ro.input_ids[::copies, :P].unsqueeze(1).expand(-1, copies, -1)):
+        raise ValueError(f"rows are not {copies} consecutive copies of each prompt")
+    head = model(input_ids=ro.input_ids[::copies, :P], attention_mask=ro.attention_mask[::copies, :P],
+                 use_cache=True, logits_to_keep=1)
+    first = head.logits.float().repeat_interleave(copies, 0)  # position P − 1 predicts completion token 0
+    if C == 1:
+        return first
+    cache = head.past_key_values
+    cache.batch_repeat_interleave(copies)
+    rest = model(input_ids=ro.input_ids[:, P:-1], attention_mask=ro.attention_mask[:, :-1], past_key_values=cache,
+                 use_cache=True).logits.float()
+    return torch.cat([first, rest], 1)
 
 
 def token_logprobs(logits: torch.Tensor, ro: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,8 +99,9 @@ def advantages(rewards: torch.Tensor, baseline: str) -> torch.Tensor:
 def reinforce_objective(model, tokenizer, adapter: Adapter, task: str, cfg: RLObjectiveConfig):
     """The RL objective for `training.fit`: rollout → score → log-probs → loss → backward.
 
-    Each prompt is sampled cfg.samples_per_prompt times in one rollout call (the k copies side by
-    side); chunks hold whole prompts, so a prompt's baseline sees all its k rewards. Besides
+    A step is one rollout call of every prompt's k = cfg.samples_per_prompt samples (side by side);
+    the gradient pass runs in chunks of whole prompts (cfg.micro_batch_size rows), each prompt's
+    tokens once for its k samples (`completion_logits(copies=k)`). Besides
     reward and KL, a step reports what says whether there was a signal at all: the share of
     prompts whose k rewards differ (`mixed_reward_fraction`), of samples with A ≠ 0
     (`nonzero_advantage_fraction`) and the mean |A| (`mean_abs_advantage`).
@@ -96,10 +118,10 @@ def reinforce_objective(model, tokenizer, adapter: Adapter, task: str, cfg: RLOb
         n = len(docs)
         samples = n * k
 
-        def learn(ro, rewards: torch.Tensor, adv: torch.Tensor, seconds_rollout: float, seconds_score: float):
+        def learn(ro, rewards: torch.Tensor, adv: torch.Tensor):
             """log-probs → loss → backward for one chunk, and its share of the step's totals."""
             t2 = time.perf_counter()
-            logits = completion_logits(model, ro)
+            logits = completion_logits(model, ro, k)
             logp, mask = token_logprobs(logits, ro)
             loss = -((logp * mask).sum(1) * adv).sum() / samples
             if cfg.entropy_coef > 0:
@@ -111,7 +133,7 @@ def reinforce_objective(model, tokenizer, adapter: Adapter, task: str, cfg: RLOb
             kl = torch.zeros(())
             if cfg.kl_coef > 0:
                 with torch.no_grad(), adapter.disabled():
-                    base_logits = completion_logits(model, ro)
+                    base_logits = completion_logits(model, ro, k)
                 kl = kl_to_base(logits, base_logits, mask)
                 loss = loss + cfg.kl_coef * kl * (len(ro.texts) / samples)
             t3 = time.perf_counter()
@@ -124,30 +146,24 @@ def reinforce_objective(model, tokenizer, adapter: Adapter, task: str, cfg: RLOb
             totals["kl"] += float(kl.detach()) * len(ro.texts)
             totals["entropy"] += float(entropy.detach()) * len(ro.texts)
             totals["completion_tokens"] += ro.completion_tokens
-            for key, dt in (("rollout", seconds_rollout), ("score", seconds_score), ("logprob", t3 - t2),
-                            ("backward", t4 - t3)):
-                totals[f"seconds_{key}"] += dt
+            totals["seconds_logprob"] += t3 - t2
+            totals["seconds_backward"] += t4 - t3
 
-        pending = []  # batch baseline: every chunk's rewards are needed before any chunk learns
+        # One rollout for the whole step (the engine batches by its own token budget and shares each
+        # prompt's prefill among its k copies); chunks of whole prompts bound the gradient pass's memory.
+        t0 = time.perf_counter()
+        with adapter.inference():
+            everything = rollout(model, tokenizer, [p for p in prompts for _ in range(k)],
+                                 max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, temperature=cfg.temperature)
+        t1 = time.perf_counter()
+        rewards = torch.tensor([1.0 if ok else -1.0 for ok in score_batch(task, [d for d in docs for _ in range(k)],
+                                                                         everything.texts)],
+                               device=everything.input_ids.device).view(n, k)
+        adv = advantages(rewards, cfg.baseline)
+        totals["seconds_rollout"], totals["seconds_score"] = t1 - t0, time.perf_counter() - t1
         for start in range(0, n, prompts_per_chunk):
-            chunk_docs = [d for d in docs[start:start + prompts_per_chunk] for _ in range(k)]
-            chunk_prompts = [p for p in prompts[start:start + prompts_per_chunk] for _ in range(k)]
-            t0 = time.perf_counter()
-            with adapter.inference():
-                ro = rollout(model, tokenizer, chunk_prompts, max_new_tokens=cfg.max_new_tokens,
-                             do_sample=cfg.do_sample, temperature=cfg.temperature)
-            t1 = time.perf_counter()
-            rewards = torch.tensor([1.0 if ok else -1.0 for ok in score_batch(task, chunk_docs, ro.texts)],
-                                   device=ro.input_ids.device).view(-1, k)
-            if cfg.baseline == "batch":
-                pending.append((ro, rewards, t1 - t0, time.perf_counter() - t1))
-            else:
-                learn(ro, rewards, advantages(rewards, cfg.baseline).reshape(-1), t1 - t0, time.perf_counter() - t1)
-        if pending:
-            adv = advantages(torch.cat([r for _, r, _, _ in pending]), "batch").reshape(-1).split(
-                [r.numel() for _, r, _, _ in pending])
-            for (ro, rewards, seconds_rollout, seconds_score), a in zip(pending, adv):
-                learn(ro, rewards, a, seconds_rollout, seconds_score)
+            stop = min(n, start + prompts_per_chunk)
+            learn(everything.rows(start * k, stop * k), rewards[start:stop], adv[start:stop].reshape(-1))
         reward = totals["reward"] / samples
         return {"reward": reward, "accuracy": (reward + 1) / 2, "kl": totals["kl"] / samples,
                 "entropy": totals["entropy"] / samples, "samples": samples,
