@@ -249,6 +249,34 @@ def scores_match_alone(model, align) -> bool:
     return pair.logprob == together.logprob[1:3]
 
 
+def prompt_once_logits(model, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, continuations: torch.Tensor,
+                       continuation_mask: Optional[torch.Tensor] = None,
+                       position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Logits that predict each continuation token, (R, C, V), with each prompt run once.
+
+    ids / mask: (P, L) left-padded prompts; row r of `continuations` (R, C) continues prompt
+    rows[r]. The prompts' KV cache (gradients included, if any) is gathered by `rows` for the
+    continuations' pass. continuation_mask: (R, C), right padding (None: all attended, which a
+    right-padded tail cannot change); position_ids: the prompts' (P, L) positions, continued
+    from each row's last one (None: the model's default, as a plain forward of the same rows).
+    """
+    from .models import forward_cache_kw, returned_cache
+
+    C = continuations.shape[1]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+    first = out.logits[rows, -1:].float()  # predicts each continuation's first token
+    if C == 1:
+        return first
+    cache = returned_cache(out)
+    cache.reorder_cache(rows)
+    tail = (torch.ones((len(rows), C - 1), dtype=mask.dtype, device=mask.device) if continuation_mask is None
+            else continuation_mask[:, :-1].to(mask.dtype))
+    ext_pos = None if position_ids is None else position_ids[rows, -1:] + 1 + torch.arange(C - 1, device=ids.device)
+    rest = model(input_ids=continuations[:, :-1], attention_mask=torch.cat([mask[rows], tail], dim=1),
+                 position_ids=ext_pos, use_cache=True, **forward_cache_kw(model, cache)).logits.float()
+    return torch.cat([first, rest], dim=1)
+
+
 def continuation_logprobs_grad(model, tokenizer, prompts: Sequence[str], continuations: Sequence[str]):
     """Summed log-probabilities of each of K shared continuations after each prompt, (P, K),
     differentiable (REINFORCE on a choice among a closed set); plus the continuation-token mask
@@ -266,17 +294,7 @@ def continuation_logprobs_grad(model, tokenizer, prompts: Sequence[str], continu
         targets[r, :len(lab)], target_mask[r, :len(lab)] = torch.tensor(lab), 1  # right padding: never attended to
     ids, mask, targets, target_mask = ids.to(device), mask.to(device), targets.to(device), target_mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     rows = torch.arange(P, device=device).repeat_interleave(K)  # row r = prompt r // K, label r % K
-    parts = [out.logits[rows, -1:].float()]  # predicts each label's first token
-    if C > 1:
-        cache = out.past_key_values
-        cache.reorder_cache(rows)
-        ext_mask = torch.cat([mask[rows], torch.ones((P * K, C - 1), dtype=torch.long, device=device)], dim=1)
-        ext_pos = pos[rows, -1:] + 1 + torch.arange(C - 1, device=device)
-        out2 = model(input_ids=targets[:, :-1], attention_mask=ext_mask, position_ids=ext_pos, past_key_values=cache,
-                     use_cache=True)
-        parts.append(out2.logits.float())
-    logits = torch.cat(parts, dim=1)  # (P*K, C, V): position t predicts label token t
+    logits = prompt_once_logits(model, ids, mask, rows, targets, position_ids=pos)  # position t predicts token t
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     return (logp * target_mask).sum(1).view(P, K), target_mask, logits

@@ -411,3 +411,17 @@ def load_patched(model_dir: str | Path, svd_dir: str | Path, svf_config, *, dtyp
         names = find_targets(model, svf_config.targets)
         apply_svf(model, load_factors(svd_dir, info.fingerprint, modules=names), svf_config)
     return model, tokenizer, info
+
+
+def forward_cache_kw(model, cache) -> dict:
+    """The keyword that passes a KV cache to `model.forward`: `cache` in the transformers releases
+    that renamed it (5.x, `past_key_values` deprecated there), `past_key_values` before."""
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
+def returned_cache(out):
+    """The KV cache a forward returned, under either name (see `forward_cache_kw`)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .adapters import Adapter
 from .generation import Rollout, chat_prompts, rollout
+from .loglik import prompt_once_logits
 from .settings import RLObjectiveConfig
 
 
@@ -42,16 +43,9 @@ def completion_logits(model, ro: Rollout, copies: int = 1) -> torch.Tensor:
     if B % copies or not torch.equal(ro.input_ids[:, :P].view(B // copies, copies, P),
                                      ro.input_ids[::copies, :P].unsqueeze(1).expand(-1, copies, -1)):
         raise ValueError(f"rows are not {copies} consecutive copies of each prompt")
-    head = model(input_ids=ro.input_ids[::copies, :P], attention_mask=ro.attention_mask[::copies, :P],
-                 use_cache=True, logits_to_keep=1)
-    first = head.logits.float().repeat_interleave(copies, 0)  # position P − 1 predicts completion token 0
-    if C == 1:
-        return first
-    cache = head.past_key_values
-    cache.batch_repeat_interleave(copies)
-    rest = model(input_ids=ro.input_ids[:, P:-1], attention_mask=ro.attention_mask[:, :-1], past_key_values=cache,
-                 use_cache=True).logits.float()
-    return torch.cat([first, rest], 1)
+    rows = torch.arange(B // copies, device=ro.input_ids.device).repeat_interleave(copies)
+    return prompt_once_logits(model, ro.input_ids[::copies, :P], ro.attention_mask[::copies, :P], rows,
+                              ro.input_ids[:, P:], ro.attention_mask[:, P:])
 
 
 def token_logprobs(logits: torch.Tensor, ro: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
