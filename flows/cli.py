@@ -243,9 +243,9 @@ def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
 
         stack.enter_context(tags(pipeline_tag()))
     if args.command == "repro":
-        from .pipeline import repro_flow
+        from .pipeline import run_repro
 
-        repro_flow(dvc_args=args.dvc_args, params_path=args.params)
+        run_repro(dvc_args=args.dvc_args, params_path=args.params)
     elif args.command == "pipeline":
         from .pipeline import run_pipeline
 

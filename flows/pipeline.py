@@ -17,6 +17,7 @@ stage units), so a later `dvc repro` has nothing to do.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -119,12 +120,26 @@ def run_pipeline(params_path: str = str(layout.PARAMS), use_dvc: bool = True, pa
         from .dask_runner import dask_task_runner
 
         flow_ = pipeline_flow.with_options(task_runner=dask_task_runner(params.execution.dask_workers))
-    try:
+    with logs_delivered():
         flow_(params_path=params_path, use_dvc=use_dvc, parallel=parallel)
+
+
+def run_repro(dvc_args: list[str], params_path: str = str(layout.PARAMS)) -> None:
+    """`t2 repro`: the repro flow, its last logs delivered before `t2` stops the run's server."""
+    with logs_delivered():
+        repro_flow(dvc_args=dvc_args, params_path=params_path)
+
+
+@contextlib.contextmanager
+def logs_delivered():
+    """The flow's last logs reach its server before `t2` stops it (else Prefect's log worker prints
+    "Error logging to API: All connection attempts failed" at exit, after a run that succeeded)."""
+    try:
+        yield
     finally:
         from prefect.logging.handlers import APILogWorker
 
-        APILogWorker.drain_all(timeout=5)  # the run's last logs reach its server before `t2` stops it
+        APILogWorker.drain_all(timeout=5)
 
 
 PIPELINE_VARS = ("PREFECT_API_URL", "T2_PIPELINE_RUN", "MLFLOW_PARENT_RUN_ID")

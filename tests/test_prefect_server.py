@@ -98,12 +98,15 @@ def test_repro_runs_every_stage_on_one_server(tmp_path, mirror):
     assert proc.returncode == 0, out[-4000:]
     assert "Running stage 'params'" in out and "Running stage 'data'" in out
     assert "Starting temporary server" not in out  # neither the stages nor `t2 repro` started one
+    assert "Error logging to API" not in out  # the last logs reached the server before it stopped
     url = re.search(r"Prefect server for this run at (http://127\.0\.0\.1:(\d+))", out)
     assert url, out[-2000:]
     import socket
 
-    with socket.socket() as s:  # stopped at the end: its port is free again
+    with socket.socket() as s:  # stopped at the end: its port is free again (for a server, which reuses
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the address past its closed connections)
         s.bind(("127.0.0.1", int(url.group(2))))
+        s.listen()
     db = sqlite3.connect(root / ".prefect" / "prefect.db")
     runs = {name: json.loads(tags) for name, tags in db.execute(
         "select flow.name, flow_run.tags from flow_run join flow on flow.id = flow_run.flow_id")}
