@@ -87,3 +87,27 @@ def test_fewshot_holdout_only_for_tasks_without_train_split(mirror, tmp_path):
         shot_pool(tmp_path, "humaneval")
     export_splits("math", tmp_path, mirror, max_rows=5)
     assert shot_pool(tmp_path, "math")[0] == "train"
+
+
+def test_math_cells_limit_docs_per_subject_in_both_styles(mirror):
+    """`eval.limit` counts MATH docs per subject: lm-eval's harness group applies it to each subject
+    task, and the paper-style t2_math (one task of every subject) takes the first limit x 7 of its docs
+    interleaved by subject, so both styles score the same stratified docs (it took the first `limit` docs,
+    all Algebra)."""
+    from transformer2.harness.cell import docs_limit
+    from transformer2.harness.functions.paper import load_dataset
+    from transformer2.tasks import get_task, stratified_order
+
+    subjects = [s.value for s in get_task("math").subsets]
+    assert docs_limit("math", "paper", 2) == 14 and docs_limit("math", "harness", 2) == 2
+    assert docs_limit("math", "paper", None) is None and docs_limit("gsm8k", "paper", 10) == 10
+    test = load_dataset("math", str(mirror))["test"]
+    first = list(test)[:docs_limit("math", "paper", 2)]
+    assert sorted(d["type"] for d in first) == sorted(subjects * 2)
+    source = load_source("math", "test", mirror)
+    assert len(test) == len(source)
+    for subject in subjects:  # each subject keeps its own order: the harness' docs of that subject
+        assert [d["problem"] for d in first if d["type"] == subject] == \
+            [d["problem"] for d in source if d["type"] == subject][:2]
+    docs = [{"x": i} for i in range(3)]
+    assert stratified_order("gsm8k", docs) is docs

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from ..tasks import get_task
 from . import model as _model  # noqa: F401  (registers the lm-eval model "transformer2")
 from .errors import HarnessError
 from .task_configs import headline_metric, lm_eval_task_name, task_config_dir
@@ -30,6 +31,7 @@ def evaluate_task(model_args: Mapping[str, Any], task: str, *, data_root: Option
     from lm_eval.tasks import TaskManager
 
     name = lm_eval_task_name(task, style)
+    limit = docs_limit(task, style, limit)
     cached = cached_responses(response_cache) if response_cache is not None else 0
     with tempfile.TemporaryDirectory(prefix="t2-tasks-") as tmp:
         include = task_config_dir(data_root, Path(tmp), style=style)
@@ -51,6 +53,14 @@ def evaluate_task(model_args: Mapping[str, Any], task: str, *, data_root: Option
     return {"task": name, "metrics": metrics, "headline": {"metric": key, "value": metrics[key]},
             "results": results, "samples": samples, "adaptation": adaptation,
             "n_samples": out.get("n-samples", {}).get(name, {}), "cached_responses": cached}
+
+
+def docs_limit(task: str, style: str, limit: Optional[int]) -> Optional[int]:
+    """lm-eval's `limit` for a cell whose `limit` counts docs per subset (MATH's subjects): the
+    harness runs one lm-eval task per subject, so it applies per subject already; a paper-style
+    task holds every subject, interleaved, so it takes `limit` of each."""
+    subsets = get_task(task).subsets
+    return limit * len(subsets) if limit is not None and style == "paper" and subsets else limit
 
 
 CELL_RESULTS, CELL_SAMPLES = "results.json", "samples.jsonl"

@@ -19,7 +19,7 @@ from .base import (CATEGORIES, TASKS, Doc, HarnessMapping, HarnessTask, Source, 
                    register, score_batch, shuffled)
 from .data import (DATA_ENV, FEWSHOT_SPLIT, DataError, check_docs, check_split, data_dir, export_splits, export_tasks,
                    hold_out_shots, load_source, load_split, prepare_splits, prepare_tasks, read_jsonl, shot_pool,
-                   write_jsonl)
+                   stratified_order, write_jsonl)
 from . import gsm8k, mbpp, arc, hendrycks_math, humaneval, classify  # noqa: E402,F401  (registers them)
 from .classify import CLASSIFY_TASK, build_classify_messages, parse_category
 

@@ -80,6 +80,23 @@ def check_docs(name: str, docs: list[Doc], where: str, fix: str) -> None:
             raise DataError(f"{where}: row {i + 1} is malformed for {name} ({type(err).__name__}: {err}); {fix}") from None
 
 
+def stratified_order(name: str, docs: list[Doc]) -> list[Doc]:
+    """The docs of a task with subsets (MATH's subjects) taken round-robin, one of each subset in
+    turn, each subset in its own order: the first n·k docs hold n of each of the k subsets, so a
+    doc limit stays stratified. Other tasks' docs are returned as they are."""
+    task = get_task(name)
+    if not task.subsets:
+        return docs
+    groups: dict[str, list[Doc]] = {s.value: [] for s in task.subsets}
+    for doc in docs:
+        groups.setdefault(doc[task.subset_column], []).append(doc)
+    queues = [iter(g) for g in groups.values()]
+    out: list[Doc] = []
+    while len(out) < len(docs):
+        out.extend(doc for doc in (next(q, None) for q in queues) if doc is not None)
+    return out
+
+
 def write_jsonl(path: Path, docs: list[Doc]) -> None:
     atomic_write_text(path, "".join(json.dumps(doc, ensure_ascii=False) + "\n" for doc in docs))
 

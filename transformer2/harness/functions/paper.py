@@ -13,13 +13,14 @@ from typing import Any, Optional
 
 
 def load_dataset(t2_task: str, t2_data_root: Optional[str] = None, **_: Any) -> dict:
-    """lm-eval `custom_dataset`: {"test": Dataset} from `<root>/<task>/test.jsonl`, else the hub.
+    """lm-eval `custom_dataset`: {"test": Dataset} from `<root>/<task>/test.jsonl`, else the hub,
+    MATH's subjects interleaved (`tasks.stratified_order`) so `--limit` keeps every subject.
     (lm-eval also passes the task metadata and model args as keywords; they are ignored.)"""
     import datasets
 
-    from ...tasks import load_source
+    from ...tasks import load_source, stratified_order
 
-    docs = load_source(t2_task, "test", Path(t2_data_root) if t2_data_root else None)
+    docs = stratified_order(t2_task, load_source(t2_task, "test", Path(t2_data_root) if t2_data_root else None))
     return {"test": datasets.Dataset.from_list(docs)}
 
 
