@@ -228,16 +228,19 @@ def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     """The command's flow. A pipeline run (`repro`, `pipeline` through DVC) first gets its one Prefect server,
     exported to its stages before Prefect is imported here; a stage run on its own gets a temporary server
     that dies with it. Flow runs of a pipeline's stages carry its tag."""
-    from .server import guard_temporary_server, pipeline_server, pipeline_tag
+    from .server import guard_temporary_server, pipeline_server, pipeline_tag, use_project_server
 
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
     if args.command == "repro" or (args.command == "pipeline" and (not args.no_dvc or getattr(args, "dask", False))):
-        stack.enter_context(pipeline_server(log=lambda line: print(line, file=sys.stderr)))
+        stack.enter_context(pipeline_server(log=log))
+    elif args.command != "serve":
+        use_project_server(log=log)  # the project's shared server, unless T2_PREFECT_SERVER=temporary
     if not args.debug:
         import prefect.main  # noqa: F401  (configures logging; the filter goes on its console handler)
 
         _quiet_prefect_errors()
     if args.command != "serve":
-        guard_temporary_server()
+        guard_temporary_server()  # T2_PREFECT_SERVER=temporary: Prefect's own, dying with this process
     if pipeline_tag():
         from prefect import tags
 

@@ -1,9 +1,13 @@
-"""One Prefect server per pipeline run, and no server left behind (issues 12.3 and 14).
+"""One Prefect server per project, and no server left behind (issues 12.3 and 14).
 
-- `t2 repro ARGS` runs `dvc repro ARGS` with one server for all its stages: no stage starts a temporary
-  server, every stage's flow run carries the run's `t2-pipeline:<id>` tag, and the server is gone after.
-- A stage run on its own starts Prefect's temporary server as a child that dies with it: SIGKILL the stage
-  mid-run and the server goes too (Prefect 3.8 alone leaves it running: it stops it only at exit).
+- Stages run one after another (a plain `dvc repro`) share the project's server: the first `t2` process
+  starts it in the background, the next ones find it; it stops once no `t2` process has used it for
+  T2_PREFECT_SERVER_IDLE_S, also when its stage was SIGKILLed, and on SIGTERM.
+- `t2 repro ARGS` runs `dvc repro ARGS` on that server: no stage starts a temporary server, every stage's
+  flow run carries the run's `t2-pipeline:<id>` tag, and the server is gone after its idle time.
+- With T2_PREFECT_SERVER=temporary a stage starts Prefect's temporary server as a child that dies with it:
+  SIGKILL the stage mid-run and the server goes too (Prefect 3.8 alone leaves it running: it stops it
+  only at exit).
 - `execution.retries` retries a stage's task on an unexpected error, never on bad input, and reruns nothing.
 """
 from __future__ import annotations
@@ -66,8 +70,80 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_killed_stage_leaves_no_server(tmp_path, mirror):
+def _wait(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def _server_state(root: Path) -> dict | None:
+    try:
+        return json.loads((root / ".prefect" / "t2-server.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _flow_runs(root: Path) -> list[str]:
+    db = sqlite3.connect(root / ".prefect" / "prefect.db")
+    try:
+        return [name for (name,) in db.execute(
+            "select flow.name from flow_run join flow on flow.id = flow_run.flow_id")]
+    finally:
+        db.close()
+
+
+def test_stages_share_the_projects_server_until_it_is_stopped(tmp_path, mirror):
     root, env = _project(tmp_path, mirror)
+    env["T2_PREFECT_SERVER_IDLE_S"] = "120"  # stays up between the two stages, however slow the machine
+    first = subprocess.run(["t2", "data"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = _server_state(root)
+    assert state and _alive(state["pid"]) and _alive(state["server_pid"])
+    assert f"Prefect server for this project's stages at {state['api_url'].removesuffix('/api')}" in first.stderr
+    second = subprocess.run(["t2", "data"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    out = first.stdout + first.stderr + second.stdout + second.stderr
+    assert "Starting temporary server" not in out and "Prefect server for" not in second.stderr
+    assert _server_state(root) == state  # the same process served both
+    assert _flow_runs(root) == ["data", "data"]
+    os.kill(state["pid"], signal.SIGTERM)
+    _wait(lambda: not _alive(state["pid"]) and not _alive(state["server_pid"]), 60, "SIGTERM left a server")
+    assert _server_state(root) is None
+
+
+def test_shared_server_stops_after_its_killed_stage(tmp_path, mirror):
+    root, env = _project(tmp_path, mirror)
+    env["T2_PREFECT_SERVER_IDLE_S"] = "3"
+    stage = subprocess.Popen(["t2", "data"], cwd=root, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        _wait(lambda: _server_state(root) is not None or stage.poll() is not None, 600, "no server started")
+        state = _server_state(root)
+        assert state, "the stage ended before its server answered"
+        stage.send_signal(signal.SIGKILL)  # its lease dies with it
+        stage.wait()
+        _wait(lambda: not _alive(state["pid"]) and not _alive(state["server_pid"]), 90,
+              "the killed stage's shared server is still running")
+        assert _server_state(root) is None
+    finally:
+        stage.kill()
+
+
+def test_a_bad_server_mode_is_one_line(tmp_path, mirror):
+    root, env = _project(tmp_path, mirror)
+    for key, value, words in (("T2_PREFECT_SERVER", "bogus", "use 'shared'"),
+                              ("T2_PREFECT_SERVER_IDLE_S", "soon", "a number >= 0")):
+        proc = subprocess.run(["t2", "data"], cwd=root, env={**env, key: value}, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert proc.stderr.startswith(f"t2: error: {key}={value!r}: ") and words in proc.stderr
+    assert not (root / ".prefect" / "t2-server.json").exists()
+
+
+def test_killed_stage_leaves_no_temporary_server(tmp_path, mirror):
+    root, env = _project(tmp_path, mirror)
+    env["T2_PREFECT_SERVER"] = "temporary"
     stage = subprocess.Popen(["t2", "data"], cwd=root, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
@@ -99,14 +175,22 @@ def test_repro_runs_every_stage_on_one_server(tmp_path, mirror):
     assert "Running stage 'params'" in out and "Running stage 'data'" in out
     assert "Starting temporary server" not in out  # neither the stages nor `t2 repro` started one
     assert "Error logging to API" not in out  # the last logs reached the server before it stopped
-    url = re.search(r"Prefect server for this run at (http://127\.0\.0\.1:(\d+))", out)
+    url = re.search(r"Prefect server for this project's stages at (http://127\.0\.0\.1:(\d+))", out)
     assert url, out[-2000:]
     import socket
 
-    with socket.socket() as s:  # stopped at the end: its port is free again (for a server, which reuses
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the address past its closed connections)
-        s.bind(("127.0.0.1", int(url.group(2))))
-        s.listen()
+    def port_free() -> bool:  # stopped after its idle time: its port is free again (for a server, which
+        with socket.socket() as s:  # reuses the address past its closed connections)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", int(url.group(2))))
+                s.listen()
+            except OSError:
+                return False
+            return True
+
+    _wait(port_free, 90, "the server still listens after its idle time")
+    assert _server_state(root) is None
     db = sqlite3.connect(root / ".prefect" / "prefect.db")
     runs = {name: json.loads(tags) for name, tags in db.execute(
         "select flow.name, flow_run.tags from flow_run join flow on flow.id = flow_run.flow_id")}

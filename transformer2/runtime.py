@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 import time
 from contextlib import contextmanager
 from typing import Iterator
@@ -27,9 +28,9 @@ def process_age_s() -> float | None:
 
 
 def peak_cuda_mb() -> float | None:
-    import torch
-
-    if not torch.cuda.is_available():
+    """None where torch was never imported (a stage without a model): importing it here cost ~2 s."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
         return None
     return torch.cuda.max_memory_allocated() / 2**20
 
