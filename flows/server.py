@@ -17,7 +17,6 @@ Light on purpose (stdlib only until a temporary server is really needed): `t2` i
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import fcntl
 import importlib.util
@@ -230,6 +229,11 @@ class _Project:
         return state if ok else None
 
 
+# The shared server's process runs this very module (not whatever `flows` the working directory holds).
+_DAEMON = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
+           "from flows.server import serve_project; sys.exit(serve_project(sys.argv[1], float(sys.argv[2])))")
+
+
 def project_server(home: Path, timeout: float = 240.0, log=print) -> str:
     """The API URL of the project's shared Prefect server (started in the background if none answers); this
     process holds a lease on it until it exits."""
@@ -244,7 +248,7 @@ def project_server(home: Path, timeout: float = 240.0, log=print) -> str:
         env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
         started = time.monotonic()
         with open(project.log, "ab") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "flows.server", "--home", str(home), "--idle", str(idle)],
+            proc = subprocess.Popen([sys.executable, "-c", _DAEMON, str(home), str(idle)],
                                     env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)  # outlives this process: the next stages use it
         while (state := project.running()) is None:
@@ -271,9 +275,10 @@ def _home() -> Path:
     return Path(os.environ.get("PREFECT_HOME") or Path.cwd() / ".prefect")
 
 
-def serve_project(home: Path, idle_s: float) -> int:
+def serve_project(home: str | Path, idle_s: float) -> int:
     """The shared server's own process: uvicorn as a child that dies with it, the state file once it answers,
     then a check every second; it stops when no lease has been alive for `idle_s` (or on SIGTERM)."""
+    home = Path(home)
     project = _Project(home)
     proc, api_url = start_server(home, log=lambda line: print(line, flush=True))
     state = {"pid": os.getpid(), "ticks": _start_ticks(os.getpid()), "api_url": api_url, "server_pid": proc.pid}
@@ -334,10 +339,3 @@ def pipeline_server(log=print) -> Iterator[str]:
             else:
                 os.environ[key] = value
 
-
-if __name__ == "__main__":  # the shared server's process, started by `project_server`
-    parser = argparse.ArgumentParser(prog="python -m flows.server")
-    parser.add_argument("--home", required=True, type=Path)
-    parser.add_argument("--idle", required=True, type=float)
-    ns = parser.parse_args()
-    sys.exit(serve_project(ns.home, ns.idle))

@@ -35,7 +35,9 @@ def evaluate_task(model_args: Mapping[str, Any], task: str, *, data_root: Option
     cached = cached_responses(response_cache) if response_cache is not None else 0
     with tempfile.TemporaryDirectory(prefix="t2-tasks-") as tmp:
         include = task_config_dir(data_root, Path(tmp), style=style)
-        manager = TaskManager(include_path=str(include), include_defaults=True)
+        # Only the project's configs: they name lm-eval's built-in YAMLs by path, so indexing lm-eval's
+        # ~15k default tasks (12 s of every cell here) finds nothing they need.
+        manager = TaskManager(include_path=str(include), include_defaults=False)
         out = lm_eval.simple_evaluate(
             model="transformer2", model_args={"device": device, "dtype": dtype, **model_args}, tasks=[name], limit=limit, batch_size=batch_size,
             num_fewshot=num_fewshot, apply_chat_template=apply_chat_template, gen_kwargs=gen_kwargs,
