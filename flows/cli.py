@@ -74,11 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-dvc", action="store_true", help="run the stage flows in-process, without DVC")
     s.add_argument("--parallel", action="store_true", help="with --no-dvc: train the experts concurrently "
                    "(execution.task_runner: threads of this process, or a local Dask cluster)")
-    s = sub.add_parser("repro", help="`dvc repro` with one Prefect server for all its stages (any dvc repro "
-                       "arguments, e.g. `t2 repro expert@gsm8k`, `t2 repro -f`)",
-                       description="Runs `dvc repro ARGS` with one local Prefect server for the whole run (or the "
-                       "one PREFECT_API_URL points at): every stage's flow talks to it instead of starting a "
-                       "temporary server, and is tagged t2-pipeline:<id>. The server stops at the end.")
+    s = sub.add_parser("repro", help="`dvc repro` as one Prefect flow run (any dvc repro arguments, e.g. "
+                       "`t2 repro expert@gsm8k`, `t2 repro -f`)",
+                       description="Runs `dvc repro ARGS` on the project's shared Prefect server (or the one "
+                       "PREFECT_API_URL points at) as one flow run: every stage's flow run is tagged "
+                       "t2-pipeline:<id> and its MLflow run nests under one parent. The shared server stops "
+                       "itself T2_PREFECT_SERVER_IDLE_S (120) seconds after its last stage.")
     s = sub.add_parser("serve", help="serve the pipeline flow for the Prefect UI (runs until stopped)")
     s.add_argument("--params", default="params.yaml")
     when = s.add_mutually_exclusive_group()
