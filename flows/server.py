@@ -173,6 +173,14 @@ def _idle_s() -> float:
 def _start_ticks(pid: int) -> Optional[str]:
     """When `pid` started (clock ticks since boot): with the pid, names one process even after pid reuse;
     None when it is gone or a zombie."""
+    if not Path("/proc/self/stat").exists():  # no /proc (macOS): alive or not, without the start time
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return "-"
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
@@ -338,4 +346,3 @@ def pipeline_server(log=print) -> Iterator[str]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
