@@ -226,9 +226,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
-    """The command's flow. A pipeline run (`repro`, `pipeline` through DVC) first gets its one Prefect server,
-    exported to its stages before Prefect is imported here; a stage run on its own gets a temporary server
-    that dies with it. Flow runs of a pipeline's stages carry its tag."""
+    """The command's flow. Before Prefect is imported here, a pipeline run (`repro`, `pipeline` through DVC)
+    exports its Prefect server to its stages, and any other command without PREFECT_API_URL points at the
+    project's shared server (or, T2_PREFECT_SERVER=temporary, gets a temporary one that dies with it). Flow
+    runs of a pipeline's stages carry its tag."""
     from .server import guard_temporary_server, pipeline_server, pipeline_tag, use_project_server
 
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from transformer2.errors import UserError
+from transformer2.runtime import proc_stat
 
 PIPELINE_ENV = "T2_PIPELINE_RUN"  # set for the stages of one pipeline run; their flow runs carry its tag
 SERVER_ENV = "T2_PREFECT_SERVER"  # "shared" (the project's server, default) or "temporary" (one per process)
@@ -181,11 +182,8 @@ def _start_ticks(pid: int) -> Optional[str]:
         except PermissionError:
             pass
         return "-"
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] in ("Z", "X") else fields[19]
+    fields = proc_stat(pid)
+    return None if fields is None or fields[0] in ("Z", "X") else fields[19]
 
 
 class _Project:

@@ -77,6 +77,10 @@ def _wait(condition, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
+def _start_stage(root: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(["t2", "data"], cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def _server_state(root: Path) -> dict | None:
     try:
         return json.loads((root / ".prefect" / "t2-server.json").read_text())
@@ -115,8 +119,7 @@ def test_stages_share_the_projects_server_until_it_is_stopped(tmp_path, mirror):
 def test_shared_server_stops_after_its_killed_stage(tmp_path, mirror):
     root, env = _project(tmp_path, mirror)
     env["T2_PREFECT_SERVER_IDLE_S"] = "3"
-    stage = subprocess.Popen(["t2", "data"], cwd=root, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    stage = _start_stage(root, env)
     try:
         _wait(lambda: _server_state(root) is not None or stage.poll() is not None, 600, "no server started")
         state = _server_state(root)
@@ -144,19 +147,17 @@ def test_a_bad_server_mode_is_one_line(tmp_path, mirror):
 def test_killed_stage_leaves_no_temporary_server(tmp_path, mirror):
     root, env = _project(tmp_path, mirror)
     env["T2_PREFECT_SERVER"] = "temporary"
-    stage = subprocess.Popen(["t2", "data"], cwd=root, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    stage = _start_stage(root, env)
     try:
-        deadline = time.monotonic() + 600
-        while not (server := [c for c in _children(stage.pid) if b"uvicorn" in _cmdline(c)]):
-            assert stage.poll() is None and time.monotonic() < deadline, "the stage started no temporary server"
-            time.sleep(0.2)
+        def server() -> list[int]:
+            return [c for c in _children(stage.pid) if b"uvicorn" in _cmdline(c)]
+
+        _wait(lambda: server() or stage.poll() is not None, 600, "the stage started no temporary server")
+        uvicorn = server()
+        assert uvicorn, "the stage ended before it started a temporary server"
         stage.send_signal(signal.SIGKILL)  # mid-run: its server is starting or serving its flow run
         stage.wait()
-        deadline = time.monotonic() + 30
-        while _alive(server[0]) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not _alive(server[0]), "the killed stage's Prefect server is still running"
+        _wait(lambda: not _alive(uvicorn[0]), 30, "the killed stage's Prefect server is still running")
     finally:
         for pid in [stage.pid] + _children(stage.pid):
             try:

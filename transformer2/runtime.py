@@ -14,15 +14,25 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def proc_stat(pid: int | str = "self") -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first; [19] is field 22, the start
+    time in clock ticks since boot), None where there is no such process or no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def process_age_s() -> float | None:
     """Seconds since this process started (Linux /proc, 10 ms resolution), None elsewhere: a stage's
     start-up overhead (interpreter, imports, Prefect, MLflow) is the age at which its own work begins."""
+    fields = proc_stat()
     try:
-        with open("/proc/self/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime since boot
+        start_ticks = int(fields[19])
         with open("/proc/uptime") as f:
             uptime = float(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError, IndexError, TypeError):
         return None
     return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
 
