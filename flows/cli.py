@@ -35,6 +35,7 @@ STAGE_HELP = {
 }
 TRACKED = {"model", "data", "decompose", "report", "train-expert", "train-lora", "classifier", "cem", "eval",
            "pipeline", "serve", "repro"}  # commands that log to MLflow
+FORKED = TRACKED - {"pipeline", "serve", "repro"}  # the stages: run in a child of the forkserver
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -161,7 +162,9 @@ def _check_before_start(args: argparse.Namespace, params) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """`t2 ARGV`. As the process's entry point (argv None), a stage runs in a child of the project's
+    forkserver (flows/forkserver.py); called with an argv (`t2 pipeline --no-dvc`, tests), in this process."""
+    forkable, argv = argv is None, sys.argv[1:] if argv is None else argv
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
@@ -181,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command != "repro":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.dvc_args, args.params = extra, getattr(args, "params", "params.yaml")
+    args.argv, args.forkable = argv, forkable
 
     from transformer2.errors import UserError
 
@@ -229,14 +233,19 @@ def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     """The command's flow. Before Prefect is imported here, a pipeline run (`repro`, `pipeline` through DVC)
     exports its Prefect server to its stages, and any other command without PREFECT_API_URL points at the
     project's shared server (or, T2_PREFECT_SERVER=temporary, gets a temporary one that dies with it). Flow
-    runs of a pipeline's stages carry its tag."""
+    runs of a pipeline's stages carry its tag. A stage as the process's entry point then runs in a child of
+    the forkserver (its Prefect settings are read when the forkserver imports Prefect: the server comes first)."""
+    from . import forkserver
     from .server import guard_temporary_server, pipeline_server, pipeline_tag, use_project_server
 
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    fork = args.forkable and args.command in FORKED and forkserver.usable()
     if args.command == "repro" or (args.command == "pipeline" and (not args.no_dvc or getattr(args, "dask", False))):
         stack.enter_context(pipeline_server(log=log))
     elif args.command != "serve":
         use_project_server(log=log)  # the project's shared server, unless T2_PREFECT_SERVER=temporary
+    if fork and (code := forkserver.run_forked(args.argv, log=log)) is not None:
+        return code
     if not args.debug:
         import prefect.main  # noqa: F401  (configures logging; the filter goes on its console handler)
 

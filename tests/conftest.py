@@ -14,6 +14,7 @@ for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORM
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # A test project's shared Prefect server stops soon after its last `t2` process (default 120 s).
 os.environ.setdefault("T2_PREFECT_SERVER_IDLE_S", "10")
+os.environ.setdefault("T2_FORKSERVER_IDLE_S", "10")  # and so does its forkserver
 os.environ["T2_KERNEL_CACHE"] = ""  # every test process measures its own kernel alignment (no state across runs)
 
 ROOT = Path(__file__).resolve().parents[1]

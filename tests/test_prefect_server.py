@@ -147,6 +147,7 @@ def test_a_bad_server_mode_is_one_line(tmp_path, mirror):
 def test_killed_stage_leaves_no_temporary_server(tmp_path, mirror):
     root, env = _project(tmp_path, mirror)
     env["T2_PREFECT_SERVER"] = "temporary"
+    env["T2_FORKSERVER"] = "off"  # the server is the stage process's own child (forked stages: test_forkserver)
     stage = _start_stage(root, env)
     try:
         def server() -> list[int]:

@@ -24,17 +24,31 @@ def proc_stat(pid: int | str = "self") -> list[str] | None:
         return None
 
 
-def process_age_s() -> float | None:
-    """Seconds since this process started (Linux /proc, 10 ms resolution), None elsewhere: a stage's
-    start-up overhead (interpreter, imports, Prefect, MLflow) is the age at which its own work begins."""
+PROCESS_STARTED_S: float | None = None  # set in a forkserver's child: when its stage process started
+
+
+def process_started_s() -> float | None:
+    """Seconds after boot at which this process started (Linux /proc, 10 ms resolution), None elsewhere; in a
+    stage forked from the forkserver, when the stage's own process (the one DVC started) did."""
+    if PROCESS_STARTED_S is not None:
+        return PROCESS_STARTED_S
     fields = proc_stat()
     try:
-        start_ticks = int(fields[19])
+        return int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (ValueError, IndexError, TypeError):
+        return None
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started, None where unknown: a stage's start-up overhead (interpreter,
+    imports, Prefect, MLflow) is the age at which its own work begins."""
+    started = process_started_s()
+    try:
         with open("/proc/uptime") as f:
             uptime = float(f.read().split()[0])
-    except (OSError, ValueError, IndexError, TypeError):
+    except (OSError, ValueError, IndexError):
         return None
-    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    return None if started is None else max(0.0, uptime - started)
 
 
 def peak_cuda_mb() -> float | None:
