@@ -60,21 +60,17 @@ def mode() -> str:
 
 
 def idle_s() -> float:
-    value = os.environ.get(IDLE_ENV, "")
-    try:
-        idle = float(value) if value.strip() else DEFAULT_IDLE_S
-    except ValueError:
-        idle = -1.0
-    if not idle >= 0:
-        from transformer2.errors import UserError
+    from transformer2.runtime import env_seconds
 
-        raise UserError(f"{IDLE_ENV}={value!r}: seconds, a number >= 0")
-    return idle
+    return env_seconds(IDLE_ENV, DEFAULT_IDLE_S)
 
 
 def usable() -> bool:
     """Whether this process may hand its stage to a forkserver (not inside one's child, Linux, not off)."""
-    return not _in_child and sys.platform.startswith("linux") and mode() == "on" and idle_s() >= 0
+    if _in_child or not sys.platform.startswith("linux") or mode() == "off":
+        return False
+    idle_s()  # a bad value is one line now, before any server starts
+    return True
 
 
 def _stamp(path: str) -> Optional[int]:
@@ -266,6 +262,7 @@ def _signal_group(pid: int, signum: int) -> None:
 
 def _fork(conn: socket.socket, listener: socket.socket, selector) -> Optional[int]:
     conn.settimeout(10.0)
+    fds: list[int] = []
     try:
         data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
         if len(data) < 4 or len(fds) != 3:
@@ -280,7 +277,7 @@ def _fork(conn: socket.socket, listener: socket.socket, selector) -> Optional[in
         request = json.loads(data)
     except (OSError, ValueError) as err:
         print(f"t2-forkserver: request refused: {err}", flush=True)
-        for fd in locals().get("fds", []):
+        for fd in fds:
             os.close(fd)
         return None
     conn.settimeout(None)

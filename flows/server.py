@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from transformer2.errors import UserError
-from transformer2.runtime import proc_stat
+from transformer2.runtime import env_seconds, proc_stat
 
 PIPELINE_ENV = "T2_PIPELINE_RUN"  # set for the stages of one pipeline run; their flow runs carry its tag
 SERVER_ENV = "T2_PREFECT_SERVER"  # "shared" (the project's server, default) or "temporary" (one per process)
@@ -161,14 +161,7 @@ def server_mode() -> str:
 
 
 def _idle_s() -> float:
-    value = os.environ.get(IDLE_ENV, "")
-    try:
-        idle = float(value) if value.strip() else DEFAULT_IDLE_S
-    except ValueError:
-        idle = -1.0
-    if not idle >= 0:
-        raise UserError(f"{IDLE_ENV}={value!r}: seconds, a number >= 0")
-    return idle
+    return env_seconds(IDLE_ENV, DEFAULT_IDLE_S)
 
 
 def _start_ticks(pid: int) -> Optional[str]:

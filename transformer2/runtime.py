@@ -51,6 +51,20 @@ def process_age_s() -> float | None:
     return None if started is None else max(0.0, uptime - started)
 
 
+def env_seconds(name: str, default: float) -> float:
+    """A duration from the environment variable `name` (unset or blank: `default`); a bad value is a UserError."""
+    value = os.environ.get(name, "")
+    try:
+        seconds = float(value) if value.strip() else default
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        from .errors import UserError
+
+        raise UserError(f"{name}={value!r}: seconds, a number >= 0")
+    return seconds
+
+
 def peak_cuda_mb() -> float | None:
     """None where torch was never imported (a stage without a model): importing it here cost ~2 s."""
     torch = sys.modules.get("torch")
