@@ -143,10 +143,7 @@ def uninterrupted_and_resumed(job: str, project: Path, tmp_path: Path, kill_rang
 @pytest.mark.slow  # three interpreters with torch: ~150 s on 2 loaded cores
 def test_decompose_killed_and_resumed_gives_the_same_cache(tiny_project, tmp_path):
     whole, resumed = uninterrupted_and_resumed("decompose", tiny_project, tmp_path, (2, 10), "svd/index.json")
-    strip = lambda d: {k: v for k, v in d.items() if k != "index.json"}  # noqa: E731  (index has seconds_this_run)
-    assert strip(files(whole / "svd")) == strip(files(resumed / "svd"))
-    a, b = (json.loads((d / "svd/index.json").read_text()) for d in (whole, resumed))
-    assert {**a, "seconds_this_run": 0} == {**b, "seconds_this_run": 0}
+    assert files(whole / "svd") == files(resumed / "svd")  # index.json too: no timing inside a DVC output
 
 
 @pytest.mark.slow  # three interpreters with torch and a tiny model: ~290 s on 2 loaded cores

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -90,7 +89,6 @@ def decompose(model: nn.Module, module_names: list[str], cache: str | Path, fing
     (cache / "factors").mkdir(parents=True, exist_ok=True)
     modules = dict(model.named_modules())
     shapes, errors = {}, {}
-    start = time.perf_counter()
     for i, name in enumerate(module_names):
         path = _factor_file(cache, name)
         weight = modules[name].weight
@@ -112,8 +110,7 @@ def decompose(model: nn.Module, module_names: list[str], cache: str | Path, fing
             stale.unlink()
     index = {"format": FORMAT, "fingerprint": fingerprint, "modules": module_names, "shapes": shapes,
              "dtype": "float32", "max_rel_error": max(errors.values()),
-             "files": {n: _file_record(_factor_file(cache, n)) for n in module_names},
-             "seconds_this_run": round(time.perf_counter() - start, 3)}
+             "files": {n: _file_record(_factor_file(cache, n)) for n in module_names}}
     atomic_write_text(index_path, json.dumps(index, indent=1) + "\n")
     return index
 
