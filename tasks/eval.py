@@ -8,7 +8,7 @@ from prefect.cache_policies import NO_CACHE
 
 from transformer2.cells import TWO_PASS_KINDS
 from transformer2.config import Params
-from transformer2.harness.cell import CELL_RESULTS, cache_files, evaluate_task, save_cell
+from transformer2.harness.cell import CELL_RESULTS, cache_files, evaluate_task, save_cell, secondary_samples
 from transformer2.runtime import resource_metrics, timed
 from transformer2.identity import file_bytes, run_fingerprint
 from transformer2.stats import PairingError, cell_statistics, samples_answer_spread
@@ -96,16 +96,30 @@ def sample_statistics(samples: Path, metric: str, base_samples: str | None, seed
     return {**out, **stats}
 
 
-def response_cache(run_dir: str, kind: str, task_name: str, args: dict, settings: dict) -> Path:
+def response_cache(run_dir: str, kind: str, task_name: str, args: dict, settings: dict,
+                   keep: tuple[Path, ...] = ()) -> Path:
     """Where a cell caches lm-eval's responses: named by everything they depend on, so a rerun after
-    a kill reuses them and a changed cell never does; caches of other configs are removed."""
+    a kill reuses them and a changed cell never does; caches of other configs are removed (not those
+    of `keep`: the same cell's other style)."""
     files = _input_files(args)
     digest = run_fingerprint([kind, task_name, args, settings, [str(p) for p in files]], file_bytes(files))
     cache = Path(run_dir) / f"responses_{digest}"
     cache.parent.mkdir(parents=True, exist_ok=True)
-    for stale in set(cache.parent.glob("responses_*")) - set(cache_files(cache)):
+    for stale in set(cache.parent.glob("responses_*")) - {f for c in (cache, *keep) for f in cache_files(c)}:
         stale.unlink()
     return cache
+
+
+def style_statistics(out: dict, samples: Path, task_name: str, style: str, base_samples: str | None,
+                     seed: int, log) -> dict:
+    """One style's result of a cell: its lm-eval task, n, headline with its interval, Δ vs base (the base
+    cell's samples of the same style) and, for paper style, the spread of the stated answers."""
+    n_docs = sum(len({row.get("doc_id") for row in rows}) for rows in out["samples"].values())
+    spread = samples_answer_spread(samples, task_name) if style == "paper" else None
+    return {"style": style, "lm_eval_task": out["task"], "n_docs": n_docs, "metric": out["headline"]["metric"],
+            "value": out["headline"]["value"], "metrics": out["metrics"],
+            **sample_statistics(samples, out["headline"]["metric"], base_samples, seed, log),
+            **({"answer_spread": spread} if spread else {})}
 
 
 class _Overrides(logging.Filter):
@@ -134,38 +148,48 @@ def evaluate_cell_task(params: Params, kind: str, task_name: str, args: dict, da
 
     log = get_run_logger()
     ev = params.eval.for_task(task_name)
-    cache = None
+    styles = (ev.style,) + ((ev.secondary_style,) if ev.secondary_style else ())
+    caches: dict[str, Path | None] = dict.fromkeys(styles)
     if run_dir is not None:
-        cache = response_cache(run_dir, kind, task_name, args, {"eval": ev.model_dump(), "model": params.model.model_dump(),
-                                                                "seed": params.seed})
+        settings = {"eval": ev.model_dump(), "model": params.model.model_dump(), "seed": params.seed}
+        for style in reversed(styles):  # each keeps the ones named before it
+            caches[style] = response_cache(run_dir, kind, task_name, args, {**settings, "run_style": style},
+                                           keep=tuple(c for c in caches.values() if c is not None))
     with stage_run(params, "eval-" + kind.replace("_", "-"), task_name, kind=kind, method=METHODS[kind]) as stage:
         if inputs:
             log_inputs(params, inputs)
+        outs = {}
         with timed() as t:
-            out = evaluate_task(args, task_name,
-                                data_root=Path(data_dir), style=ev.style, limit=ev.limit,
-                                batch_size=ev.batch_size, num_fewshot=ev.num_fewshot,
-                                apply_chat_template=ev.apply_chat_template,
-                                gen_kwargs={"max_gen_toks": ev.max_gen_toks} if ev.max_gen_toks else None,
-                                device=params.model.device, dtype=params.model.dtype, seed=params.seed,
-                                response_cache=cache)
+            for style in styles:  # the cell's own style, then its secondary one on the same docs
+                outs[style] = evaluate_task(
+                    args, task_name, data_root=Path(data_dir), style=style, limit=ev.limit,
+                    batch_size=ev.batch_size, num_fewshot=ev.num_fewshot, apply_chat_template=ev.apply_chat_template,
+                    gen_kwargs={"max_gen_toks": ev.max_gen_toks} if ev.max_gen_toks else None,
+                    device=params.model.device, dtype=params.model.dtype, seed=params.seed,
+                    response_cache=caches[style])
         out_path = Path(out_dir)
-        samples = save_cell(out_path, out)  # results.json and samples.jsonl as one unit
-        n_docs = sum(len({row.get("doc_id") for row in rows}) for rows in out["samples"].values())
-        metrics = {"kind": kind, "task": task_name, "lm_eval_task": out["task"], "style": ev.style,
-                   "limit": ev.limit, "n_docs": n_docs, "metric": out["headline"]["metric"], "value": out["headline"]["value"],
-                   "metrics": out["metrics"], **sample_statistics(samples, out["headline"]["metric"], base_samples,
-                                                                  params.seed, log),
-                   **adaptation_metrics(out["adaptation"]), **(extra or {}),
-                   **({"answer_spread": spread} if ev.style == "paper"
-                      and (spread := samples_answer_spread(samples, task_name)) else {}),
-                   "resumed_responses": out["cached_responses"], **resource_metrics(t["seconds"])}
+        out = outs[ev.style]
+        secondary = outs.get(ev.secondary_style)
+        # results.json and samples.jsonl (and the secondary style's, in <style>/) as one unit
+        samples = save_cell(out_path, out, secondary={ev.secondary_style: secondary} if secondary else None)
+        own = style_statistics(out, samples, task_name, ev.style, base_samples, params.seed, log)
+        metrics = {"kind": kind, "task": task_name, "limit": ev.limit, **own,
+                   **adaptation_metrics(out["adaptation"]), **(extra or {})}
+        if secondary:
+            style = ev.secondary_style
+            metrics["secondary"] = style_statistics(
+                secondary, secondary_samples(out_path, style), task_name, style,
+                base_samples and str(secondary_samples(Path(base_samples).parent, style)), params.seed, log)
+        metrics.update({"resumed_responses": sum(o["cached_responses"] for o in outs.values()),
+                        **resource_metrics(t["seconds"])})
         headline, logged = cell_metrics(metrics)
         mlflow.set_tag("metric", headline)
         metrics = record_metrics(metrics_path, metrics, stage, logged=logged)
         mlflow.log_artifact(str(samples), artifact_path="samples")
         mlflow.log_artifact(str(out_path / CELL_RESULTS), artifact_path="samples")
-        for db in cache_files(cache) if cache is not None else []:
+        if secondary:
+            mlflow.log_artifacts(str(out_path / ev.secondary_style), artifact_path=f"samples/{ev.secondary_style}")
+        for db in [f for c in caches.values() if c is not None for f in cache_files(c)]:
             db.unlink()  # results are written: a later rerun (dvc repro -f) recomputes and re-times everything
         log.info(f"{kind} on {task_name}: {out['headline']['metric']} = {out['headline']['value']:.4f}")
     return metrics

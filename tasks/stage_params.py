@@ -53,6 +53,8 @@ def cell_settings(params: Params, kind: str, task: str) -> dict:
     ev = params.eval.for_task(task)
     out: dict[str, Any] = {"seed": params.seed, "model.dtype": params.model.dtype,
                            "eval": {k: getattr(ev, k) for k in EVAL_CELL_KEYS}}
+    if ev.secondary_style is not None:  # absent when unset: a cell without one keeps its settings hash
+        out["eval"]["secondary_style"] = ev.secondary_style
     if kind in ("prompt", "classifier"):
         out["eval"].update({k: getattr(ev, k) for k in DISPATCH_KEYS})
     if kind in ("prompt", "classifier", "few_shot"):

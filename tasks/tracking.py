@@ -273,6 +273,18 @@ def cell_metrics(cell: dict) -> tuple[str, dict[str, float]]:
         logged[f"{headline}_ci95_low"], logged[f"{headline}_ci95_high"] = map(float, cell["ci95"])
     if cell.get("delta_ci95"):
         logged["delta_vs_base_ci95_low"], logged["delta_vs_base_ci95_high"] = map(float, cell["delta_ci95"])
+    second = cell.get("secondary")
+    if second:  # the same cell in its other style: `<style>_<metric>`, its interval, Δ and p
+        style = second["style"]
+        logged[f"{style}_{metric_name(second['metric'])}"] = float(second["value"])
+        logged[f"{style}_n"] = float(second["n_docs"])
+        for key, name in (("ci95", f"{style}_{metric_name(second['metric'])}_ci95"),
+                          ("delta_ci95", f"{style}_delta_vs_base_ci95")):
+            if second.get(key):
+                logged[f"{name}_low"], logged[f"{name}_high"] = map(float, second[key])
+        for key in ("delta_vs_base", "p_value"):
+            if isinstance(second.get(key), (int, float)):
+                logged[f"{style}_{key}"] = float(second[key])
     for key in ("delta_vs_base", "p_value", "paired_n", "first_pass_s", "second_pass_s", "first_to_second", "adaptation_search_s", "resumed_responses",
                 "seconds", "peak_rss_mb", "peak_cuda_mb"):
         if isinstance(cell.get(key), (int, float)):

@@ -93,3 +93,15 @@ def test_two_pass_sections_and_cross_check():
                      ({"data": {"fewshot_holdout": -1}}, "data.fewshot_holdout")):
         with pytest.raises(ConfigError, match=key):
             parse_params(bad)
+
+
+def test_secondary_style_is_the_other_style_per_task():
+    params = parse_params({"eval": {"style": "paper", "overrides": {"arc_easy": {"secondary_style": "harness"}}}})
+    assert params.eval.for_task("arc_easy").secondary_style == "harness"
+    assert params.eval.for_task("gsm8k").secondary_style is None
+    with pytest.raises(ConfigError, match=r"eval.secondary_style: 'harness' is the cell's own style"):
+        parse_params({"eval": {"secondary_style": "harness"}})  # the default style is harness
+    with pytest.raises(ConfigError, match=r"eval.overrides.math.secondary_style: 'paper' is the cell's own style"):
+        parse_params({"eval": {"style": "paper", "overrides": {"math": {"secondary_style": "paper"}}}})
+    with pytest.raises(ConfigError, match=r"eval.secondary_style: Input should be 'harness' or 'paper'"):
+        parse_params({"eval": {"secondary_style": "lm-eval"}})

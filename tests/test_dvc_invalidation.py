@@ -111,7 +111,7 @@ def test_kl_coef_reruns_the_experts_not_the_next_token_lora_baselines(project):
 
 
 def test_one_cells_eval_override_reruns_that_tasks_cells_and_the_report(project):
-    assert _after(project, {"eval.overrides": {"arc_easy": {"limit": 1}}}) == {
+    assert _after(project, {"eval.overrides": {**TINY["eval"]["overrides"], "arc_easy": {"limit": 1}}}) == {
         "eval-base@arc_easy", "eval-svf@arc_easy", "eval-lora@arc_easy", "report"}
     assert _after(project, {"eval.dispatch_mode": "generate"}) == {"eval-prompt@arc_challenge",
                                                                    "eval-classifier@arc_challenge", "report"}

@@ -47,7 +47,13 @@ def test_response_cache_is_named_by_settings_and_input_files(tmp_path):
     (run_dir / f"{cache.name}_rank0.db").write_bytes(b"")
     assert response_cache(str(run_dir), "svf", "gsm8k", args, {"limit": 10}) == cache
     assert (run_dir / f"{cache.name}_rank0.db").exists()
+    other = response_cache(str(run_dir), "svf", "gsm8k", args, {"limit": 10, "run_style": "paper"}, keep=(cache,))
+    (run_dir / f"{other.name}_rank0.db").write_bytes(b"")  # the cell's secondary style: its own cache, both kept
+    assert other != cache and (run_dir / f"{cache.name}_rank0.db").exists()
+    assert response_cache(str(run_dir), "svf", "gsm8k", args, {"limit": 10}, keep=(other,)) == cache
+    assert (run_dir / f"{other.name}_rank0.db").exists()
     assert response_cache(str(run_dir), "svf", "gsm8k", args, {"limit": 20}) != cache
     assert not (run_dir / f"{cache.name}_rank0.db").exists()  # stale: removed
+    assert not (run_dir / f"{other.name}_rank0.db").exists()
     (expert / "expert.safetensors").write_bytes(b"z2")  # the expert was retrained
     assert response_cache(str(run_dir), "svf", "gsm8k", args, {"limit": 10}) != cache

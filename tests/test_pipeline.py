@@ -1,4 +1,5 @@
 """The real pipeline path: `dvc repro` of dvc.yaml on a tiny profile, end to end."""
+import csv
 import json
 import os
 import shutil
@@ -85,6 +86,12 @@ def test_dvc_repro_runs_every_stage(project):
         assert 0 <= cell["ci95"][0] <= cell["value"] <= cell["ci95"][1] <= 1  # Wilson, from the samples
         if kind != "base":  # paired with the base cell on the same 2 docs
             assert cell["paired_n"] == 2 and cell["test"] == "mcnemar_exact" and 0 <= cell["p_value"] <= 1
+    for kind, task in (("svf", "gsm8k"), ("lora", "gsm8k"), ("classifier", "arc_challenge")):  # eval.overrides
+        second = json.loads((root / f"metrics/eval_{kind}_{task}.json").read_text())["secondary"]
+        assert second["style"] == "paper" and second["lm_eval_task"] == f"t2_{task}" and second["n_docs"] == 2
+        assert second["paired_n"] == 2 and 0 <= second["p_value"] <= 1  # paired with base's paper-style samples
+        assert (root / f"artifacts/eval/{kind}_{task}/paper/samples.jsonl").is_file()
+    assert "secondary" not in json.loads((root / "metrics/eval_base_arc_easy.json").read_text())
     classifier = json.loads((root / "metrics/classifier.json").read_text())
     assert classifier["steps"] == 1 and classifier["train_docs"] == 6 and classifier["heldout_docs"] == 6
     assert set(classifier["dispatch"]) == {"prompt_generate", "prompt_loglik", "classifier_generate",
@@ -108,6 +115,8 @@ def test_dvc_repro_runs_every_stage(project):
     assert "| GSM8K | exact_match,flexible-extract | 2 |" in report and "Δ " in report
     assert "| SVF GSM8K |" in report and "| classifier z_c |" in report  # the training table
     assert "Table 3" in report and "| ARC-Challenge | few-shot |" in report and "Dispatch accuracy" in report
+    assert "Table 1 (secondary) — training tasks, paper style" in report and "Table 2 (secondary)" in report
+    assert "paper" in {r["style"] for r in csv.DictReader((root / "reports/table2.csv").open())}
     assert (root / "plots/results.png").is_file()
 
 

@@ -1,3 +1,4 @@
+import csv
 import json
 
 from transformer2.report import build_report, measured, plot_cells, read_cells, read_stage_metrics
@@ -178,3 +179,31 @@ def test_curves_of_tasks_the_profile_does_not_train_are_named_as_stale(tmp_path)
     text = (tmp_path / "results.md").read_text()
     assert "`plots/expert_gsm8k.csv`, `plots/lora_mbpp.csv` are drawn by `dvc plots show` but not written" in text
     assert stale_plots(ROOT / "params.yaml", ROOT / "dvc.yaml", root=tmp_path / "empty") == []
+
+
+def test_secondary_style_cells_get_their_own_tables_and_csv_rows(tmp_path):
+    """A cell measured in its other style too (`eval.secondary_style`) shows in a secondary table of its own
+    (with its interval and paired Δ); tasks without one are not in it, and the CSV rows say which style."""
+    from transformer2.report import write_tables
+
+    second = {"style": "harness", "metric": "acc_norm,none", "value": 0.35, "n_docs": 300, "ci95": [0.30, 0.40]}
+    base = {"kind": "base", "task": "arc_easy", "style": "paper", "metric": "exact_match,none", "value": 0.16,
+            "n_docs": 300, "ci95": [0.12, 0.20], "secondary": second}
+    svf = {**base, "kind": "svf", "value": 0.24, "ci95": [0.20, 0.30], "delta_vs_base": 0.08,
+           "delta_ci95": [0.015, 0.157], "p_value": 0.022,
+           "secondary": {**second, "value": 0.33, "ci95": [0.28, 0.38], "delta_vs_base": -0.02,
+                         "delta_ci95": [-0.05, 0.01], "p_value": 0.21}}
+    for cell in (base, svf):
+        (tmp_path / f"eval_{cell['kind']}_arc_easy.json").write_text(json.dumps(cell))
+    _cell(tmp_path, "base", "gsm8k", 0.1)
+    cells = read_cells(tmp_path, [("base", "arc_easy"), ("svf", "arc_easy"), ("base", "gsm8k")])
+    text = build_report(cells)
+    primary, _, secondary = text.partition("Table 1 (secondary) — training tasks, harness style")
+    assert "| ARC-Easy | exact_match,none | 300 | 16.0 [12.0, 20.0] |" in primary
+    assert ("| ARC-Easy | acc_norm,none | 300 | 35.0 [30.0, 40.0] | – | 33.0 [28.0, 38.0]<br>Δ -2.0 [-5.0, +1.0], "
+            "p = 0.21 |") in secondary
+    assert "GSM8K" not in secondary.partition("###")[0] and "Table 2 (secondary)" not in text
+    rows = list(csv.DictReader(write_tables(cells, tmp_path / "reports")[0].open()))
+    assert [(r["task"], r["kind"], r["style"], r["value"]) for r in rows if r["task"] == "arc_easy"] == [
+        ("arc_easy", "base", "paper", "0.16"), ("arc_easy", "svf", "paper", "0.24"),
+        ("arc_easy", "base", "harness", "0.35"), ("arc_easy", "svf", "harness", "0.33")]

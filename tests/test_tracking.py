@@ -19,6 +19,14 @@ def test_metric_names_stay_whole_in_the_ui():
                                      "n_docs": 4, "first_pass_s": 0.1, "second_pass_s": 2.0})
     assert headline == "acc_norm"
     assert logged == {"acc": 0.5, "acc_norm": 0.25, "n": 4.0, "first_pass_s": 0.1, "second_pass_s": 2.0}
+    _, logged = cell_metrics({"metric": "exact_match,none", "metrics": {"exact_match,none": 0.2}, "n_docs": 10,
+                              "secondary": {"style": "harness", "metric": "acc_norm,none", "value": 0.3, "n_docs": 10,
+                                            "ci95": [0.1, 0.6], "delta_vs_base": 0.1, "delta_ci95": [-0.2, 0.4],
+                                            "p_value": 0.5}})
+    assert {k: v for k, v in logged.items() if k.startswith("harness_")} == {  # the other style's, named by it
+        "harness_acc_norm": 0.3, "harness_n": 10.0, "harness_acc_norm_ci95_low": 0.1, "harness_acc_norm_ci95_high": 0.6,
+        "harness_delta_vs_base_ci95_low": -0.2, "harness_delta_vs_base_ci95_high": 0.4, "harness_delta_vs_base": 0.1,
+        "harness_p_value": 0.5}
 
 
 @pytest.fixture

@@ -52,6 +52,20 @@ def measured(cells: Cells) -> Cells:
     return {key: c for key, c in cells.items() if "status" not in c}
 
 
+def secondary_cells(cells: Cells) -> dict[str, Cells]:
+    """style -> the cells measured in their secondary style too (`eval.secondary_style`: the same docs,
+    the other prompts and scorer), each as a cell of its own, by (kind, task)."""
+    out: dict[str, Cells] = {}
+    for (kind, task), c in cells.items():
+        second = c.get("secondary")
+        if second:
+            out.setdefault(second["style"], {})[(kind, task)] = {**second, "kind": kind, "task": task}
+    return out
+
+
+STYLE_TITLES = {"harness": "harness style: lm-eval's own prompts and metrics",
+                "paper": "paper style: the paper's chat prompts and the scorers the experts trained on"}
+
 SIGNIFICANT = 0.05  # a Δ whose paired test gives p below this is marked
 ONE_ANSWER = 0.5  # a cell whose most common stated answer covers this share of docs is flagged
 
@@ -211,6 +225,13 @@ def build_report(cells: Cells, notes: Mapping[str, str] | None = None, classifie
              table(cells, TABLE1_KINDS, TRAIN_TASKS, "Table 1 — training tasks (base / LoRA / SVF expert)"),
              table(cells, TABLE2_KINDS, UNSEEN_TASKS,
                    "Table 2 — unseen tasks (base → prompt dispatch / classifier expert / few-shot CEM)")]
+    for style, second in secondary_cells(cells).items():
+        for number, kinds, tasks, what in ((1, TABLE1_KINDS, TRAIN_TASKS, "training tasks"),
+                                           (2, TABLE2_KINDS, UNSEEN_TASKS, "unseen tasks")):
+            shown = [t for t in tasks if any((k, t) in second for k in kinds)]
+            if shown:
+                parts.append(table(second, kinds, shown, f"Table {number} (secondary) — {what}, "
+                                                         f"{STYLE_TITLES.get(style, style)}; same docs"))
     parts += [extra for extra in (training_table(trained or {}), timing_table(cells), dispatch_table(classifier),
                                   cem_table(cem or {})) if extra]
     absent = [f"{kind} on {task_title(task)} ({c['status']})" for (kind, task), c in cells.items() if "status" in c]
@@ -224,7 +245,7 @@ def build_report(cells: Cells, notes: Mapping[str, str] | None = None, classifie
 
 # ---------------------------------------------------------------- the tables as data (CSV)
 
-TABLE_FIELDS = ("task", "task_title", "kind", "method", "metric", "n_docs", "value", "ci95_low", "ci95_high",
+TABLE_FIELDS = ("task", "task_title", "kind", "method", "style", "metric", "n_docs", "value", "ci95_low", "ci95_high",
                 "delta_vs_base", "delta_ci95_low", "delta_ci95_high", "p_value", "status")
 TIMING_FIELDS = ("task", "task_title", "kind", "method", "first_pass_s", "second_pass_s", "first_to_second",
                  "adaptation_search_s")
@@ -242,7 +263,8 @@ def table_rows(cells: Cells, kinds: Sequence[str], tasks: Sequence[str]) -> list
                 continue
             ci, dci = c.get("ci95") or (None, None), c.get("delta_ci95") or (None, None)
             rows.append({"task": task, "task_title": task_title(task), "kind": kind,
-                         "method": KIND_TITLES.get(kind, kind), "metric": c.get("metric"), "n_docs": c.get("n_docs"),
+                         "method": KIND_TITLES.get(kind, kind), "style": c.get("style"), "metric": c.get("metric"),
+                         "n_docs": c.get("n_docs"),
                          "value": c.get("value"), "ci95_low": ci[0], "ci95_high": ci[1],
                          "delta_vs_base": c.get("delta_vs_base"), "delta_ci95_low": dci[0], "delta_ci95_high": dci[1],
                          "p_value": c.get("p_value"), "status": c.get("status", "measured")})
@@ -276,10 +298,16 @@ def write_csv(path: str | Path, rows: Sequence[Mapping], fields: Sequence[str]) 
 
 
 def write_tables(cells: Cells, out_dir: str | Path) -> list[Path]:
-    """`table1.csv` (training tasks), `table2.csv` (unseen tasks), `table3.csv` (two-pass timings)."""
+    """`table1.csv` (training tasks), `table2.csv` (unseen tasks), `table3.csv` (two-pass timings); the
+    secondary style's cells follow the primary rows of tables 1 and 2 (column `style`)."""
     out_dir = Path(out_dir)
-    return [write_csv(out_dir / "table1.csv", table_rows(cells, TABLE1_KINDS, TRAIN_TASKS), TABLE_FIELDS),
-            write_csv(out_dir / "table2.csv", table_rows(cells, TABLE2_KINDS, UNSEEN_TASKS), TABLE_FIELDS),
+    second = secondary_cells(cells).values()
+
+    def rows(kinds, tasks):
+        return table_rows(cells, kinds, tasks) + [r for s in second for r in table_rows(s, kinds, tasks)]
+
+    return [write_csv(out_dir / "table1.csv", rows(TABLE1_KINDS, TRAIN_TASKS), TABLE_FIELDS),
+            write_csv(out_dir / "table2.csv", rows(TABLE2_KINDS, UNSEEN_TASKS), TABLE_FIELDS),
             write_csv(out_dir / "table3.csv", timing_rows(cells), TIMING_FIELDS)]
 
 

@@ -50,6 +50,11 @@ class Params(Section):
             unbased = [t for t in tasks if t not in self.eval.tasks]  # every adapted cell is paired with its base
             if unbased:
                 raise ValueError(f"{name}: {unbased} have no base cell to compare with; add them to eval.tasks")
+        for task in [None, *self.eval.overrides]:  # a cell's second style must be the other one
+            ev = self.eval if task is None else self.eval.for_task(task)
+            if ev.secondary_style is not None and ev.secondary_style == ev.style:
+                where = "eval.secondary_style" if task is None else f"eval.overrides.{task}.secondary_style"
+                raise ValueError(f"{where}: {ev.style!r} is the cell's own style (eval.style); use the other one or null")
         leaked = sorted(set(self.classifier.sources) & set(self.eval.adapt_tasks))
         if leaked:
             raise ValueError(f"classifier.sources: {leaked} are unseen tasks (eval.adapt_tasks), not training data")

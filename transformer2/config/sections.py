@@ -100,6 +100,9 @@ class EvalParams(PerTaskSection):
     tasks: list[str] = Field(default_factory=lambda: list(ALL_TASKS))
     style: Literal["harness", "paper"] = "harness"
     """harness: lm-eval's own prompts and metrics; paper: the paper's chat prompts and scorers (t2_* tasks)."""
+    secondary_style: Optional[Literal["harness", "paper"]] = None
+    """The other style, also measured by each cell on the same docs (the report's secondary tables);
+    null: none. Per task, e.g. {arc_easy: {secondary_style: harness}}."""
     limit: Optional[int] = Field(default=10, ge=1)
     """Docs per task (per subject for MATH); null runs the full test sets."""
     batch_size: int = Field(default=8, ge=1)

@@ -68,18 +68,27 @@ def docs_limit(task: str, style: str, limit: Optional[int]) -> Optional[int]:
 CELL_RESULTS, CELL_SAMPLES = "results.json", "samples.jsonl"
 
 
-def save_cell(folder: str | Path, out: Mapping[str, Any]) -> Path:
+def save_cell(folder: str | Path, out: Mapping[str, Any],
+              secondary: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Path:
     """A cell's output (`evaluate_task`'s results and per-sample outputs, no timings) as one unit
     (`files.atomic_dir`): a kill never leaves the results of one run beside the samples of another.
-    Returns the samples file."""
+    `secondary` (style -> `evaluate_task` output): the same cell in another style, kept in `<style>/`
+    of the same unit. Returns the samples file."""
     from ..files import atomic_dir, atomic_write_json
     from ..stats import write_samples
 
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
-        atomic_write_json(tmp / CELL_RESULTS, {"results": out["results"], "n_samples": out["n_samples"]})
-        write_samples(tmp / CELL_SAMPLES, out["samples"])
+        for sub, result in [(tmp, out)] + [(tmp / style, r) for style, r in (secondary or {}).items()]:
+            sub.mkdir(exist_ok=True)
+            atomic_write_json(sub / CELL_RESULTS, {"results": result["results"], "n_samples": result["n_samples"]})
+            write_samples(sub / CELL_SAMPLES, result["samples"])
     return folder / CELL_SAMPLES
+
+
+def secondary_samples(folder: str | Path, style: str) -> Path:
+    """The per-sample outputs of a cell's secondary `style` (`save_cell`)."""
+    return Path(folder) / style / CELL_SAMPLES
 
 
 def cache_files(response_cache: str | Path) -> list[Path]:
