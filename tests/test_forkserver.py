@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from .conftest import alive as _alive, wait_until as _wait
+
 ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = '''
@@ -56,20 +58,6 @@ def project(tmp_path_factory):
 def _client(env: dict, *argv: str, entry: str = "probe:main", **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", CLIENT, entry, *argv], env=env, capture_output=True, text=True,
                           timeout=300, **kwargs)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _wait(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
 
 
 def test_a_forked_child_is_the_stage_process(project):
