@@ -91,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("lm-eval", help="lm-evaluation-harness's CLI with the `transformer2` model registered "
                    "(all lm-eval options; e.g. --model transformer2 --model_args pretrained=artifacts/model,"
                    "svd=artifacts/svd,expert=artifacts/experts/gsm8k --tasks gsm8k)", add_help=False)
+    s = sub.add_parser("plots", help="`dvc plots show` of this run's DAG only (other arguments go to it, e.g. "
+                       "--open): what its stages write, no other profile's curves, no warning for tasks it does "
+                       "not run; the DAG as params.yaml resolves it, as DVC does)")
     s = sub.add_parser("check-params", help="validate params.yaml and print the resolved config")
     s.add_argument("--params", default="params.yaml")
     return p
@@ -132,6 +135,23 @@ def _unexpected(err: BaseException) -> int:
         where = "rerun with --debug for the traceback"
     lines = str(err).strip().splitlines() or [""]
     return _fail(f"{type(err).__name__}: {lines[0]}{' …' if len(lines) > 1 else ''} ({where})", 1)
+
+
+def _plots(args: argparse.Namespace) -> int:
+    """`t2 plots`: `dvc plots show` with the current DAG's plots as targets (flows/dag.py: plot_targets)."""
+    import subprocess
+
+    from transformer2.errors import UserError
+
+    from .dag import plot_targets
+
+    targets, left_out = plot_targets(args.params)
+    if not targets:
+        raise UserError("no plot of this DAG is written yet: run `dvc repro` first")
+    for reason in dict.fromkeys(left_out.values()):
+        names = ", ".join(name for name, why in left_out.items() if why == reason)
+        print(f"t2 plots: not drawn, {reason}: {names}", file=sys.stderr)
+    return subprocess.run([sys.executable, "-m", "dvc", "plots", "show", *args.dvc_args, *targets]).returncode
 
 
 def _check_before_start(args: argparse.Namespace, params) -> None:
@@ -181,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(str(err))
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "repro":
+    if extra and args.command not in ("repro", "plots"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.dvc_args, args.params = extra, getattr(args, "params", "params.yaml")
     args.argv, args.forkable = argv, forkable
@@ -205,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             verb = "would change" if args.dry else "changed"
             print(f"{layout.STAGE_PARAMS_DIR}/: {len(changed)} {verb}" + (f": {', '.join(changed)}" if changed else ""))
             return 0
+        if args.command == "plots":
+            return _plots(args)
         args.dask = args.command == "pipeline" and args.no_dvc and args.parallel and \
             params.execution.task_runner == "dask"  # the parallel stages on a local Dask cluster
         _check_before_start(args, params)

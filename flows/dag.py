@@ -64,25 +64,61 @@ def dag_stages(params_path: str | Path = layout.PARAMS, path: str | Path | None 
     return stages
 
 
-def stale_plots(params_path: str | Path = layout.PARAMS, path: str | Path | None = None,
-                root: str | Path = ".") -> list[str]:
-    """Files that dvc.yaml's top-level plots draw but no stage of the current DAG writes, and that exist
-    under `root`: another profile's curves (a task this one does not train), which `dvc plots show`
-    would draw beside this run's."""
-    spec = yaml.safe_load(Path(path or dvc_file()).read_text())
-    values = load_params(params_path).model_dump()
+def _written_plots(spec: dict, values: dict) -> set[str]:
+    """The plot files (or folders) the stages of the current DAG write: their `plots:` outputs."""
     written = set()
     for stage in spec["stages"].values():
         body, items = (stage["do"], _items(stage, values)) if "foreach" in stage else (stage, [""])
         for entry in body.get("plots", []):
             name = entry if isinstance(entry, str) else next(iter(entry))
             written.update(name.replace("${item}", item) for item in items)
-    drawn = set()
+    return written
+
+
+def _figures(spec: dict) -> dict[str, list[str]]:
+    """dvc.yaml's top-level plots: id -> the files it draws (y: {file: field}, else the id is the file)."""
+    figures = {}
     for entry in spec.get("plots", []):
         for plot_id, plot in (entry.items() if isinstance(entry, dict) else [(entry, None)]):
             y = (plot or {}).get("y")
-            drawn.update(y if isinstance(y, dict) else [plot_id])  # y: {file: field}, else the id is the file
+            figures[plot_id] = list(y) if isinstance(y, dict) else [plot_id]
+    return figures
+
+
+def stale_plots(params_path: str | Path = layout.PARAMS, path: str | Path | None = None,
+                root: str | Path = ".") -> list[str]:
+    """Files that dvc.yaml's top-level plots draw but no stage of the current DAG writes, and that exist
+    under `root`: another profile's curves (a task this one does not train), which `dvc plots show`
+    would draw beside this run's."""
+    spec = yaml.safe_load(Path(path or dvc_file()).read_text())
+    written = _written_plots(spec, load_params(params_path).model_dump())
+    drawn = {f for files in _figures(spec).values() for f in files}
     return sorted(f for f in drawn - written if (Path(root) / f).is_file())
+
+
+def plot_targets(params_path: str | Path = layout.PARAMS, path: str | Path | None = None,
+                 root: str | Path = ".") -> tuple[list[str], dict[str, str]]:
+    """What `t2 plots` draws: the plot outputs of the current DAG's stages and the top-level figures whose
+    every file one of its stages writes, where they exist under `root` (so `dvc plots show` gets no missing
+    file to warn about and no other profile's curve); and the left-out ones, each with the reason."""
+    spec = yaml.safe_load(Path(path or dvc_file()).read_text())
+    written = _written_plots(spec, load_params(params_path).model_dump())
+    targets, left_out = [], {}
+    for name in sorted(written):
+        if (Path(root) / name).exists():
+            targets.append(name)
+        else:
+            left_out[name] = "not written yet (run `dvc repro`)"
+    for plot_id, files in _figures(spec).items():
+        other = [f for f in files if f not in written]
+        missing = [f for f in files if not (Path(root) / f).exists()]
+        if other:
+            left_out[plot_id] = "draws a task this profile does not run"
+        elif missing:
+            left_out[plot_id] = "not written yet (run `dvc repro`)"
+        else:
+            targets.append(plot_id)
+    return targets, left_out
 
 
 def eval_cells(stages: list[Stage]) -> list[tuple[str, str, str]]:

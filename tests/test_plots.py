@@ -1,6 +1,10 @@
 """Plots and table files of the report (issue 14, item 5): no model, small metrics files only."""
 import csv
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -77,7 +81,7 @@ def test_tables_as_csv(cells, tmp_path):
 
 
 def test_dvc_yaml_plots_pair_each_expert_with_its_lora_baseline():
-    """One validation figure per training task with both curves, reward and KL of the experts, all with
+    """One validation figure per training task with both curves, one with its expert's reward and KL, all with
     the `points` template (blank rows skipped), and the tables as untracked-by-cache outs of `report`."""
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     plots = {name: spec for entry in dvc["plots"] for name, spec in entry.items()}
@@ -86,8 +90,9 @@ def test_dvc_yaml_plots_pair_each_expert_with_its_lora_baseline():
         spec = plots[f"validation_{task}"]
         assert spec["y"] == {f"plots/expert_{task}.csv": "val_accuracy", f"plots/lora_{task}.csv": "val_accuracy"}
         assert spec["x"] == "step" and spec["template"] == "points"
-    for field in ("reward", "kl"):
-        assert plots[f"expert_{field}"]["y"] == {f"plots/expert_{t}.csv": field for t in params["rl"]["tasks"]}
+        assert plots[f"training_{task}"]["y"] == {f"plots/expert_{task}.csv": ["reward", "kl"]}
+    for name, spec in plots.items():  # one task per figure: `t2 plots` can leave out a task a profile does not run
+        assert len({f.split("_", 1)[1] for f in spec["y"]}) == 1, name
     assert (ROOT / ".dvc" / "plots" / "points.json").is_file()
     template = json.loads((ROOT / ".dvc" / "plots" / "points.json").read_text())
     assert "<DVC_METRIC_DATA>" in json.dumps(template) and "!== ''" in template["transform"][0]["filter"]
@@ -121,3 +126,59 @@ def test_confusion_matrix_is_row_normalised_with_a_readable_title(tmp_path):
     finally:
         plt.close(fig)
     assert plot_confusion(m, tmp_path / "d" / "c.png", title=title).read_bytes()[:4] == b"\x89PNG"
+
+
+def _curves(root, names):
+    (root / "plots").mkdir(exist_ok=True)
+    for name in names:
+        (root / "plots" / f"{name}.csv").write_text("step,reward,kl,val_accuracy\n1,-1.0,0.0,0.5\n2,0.0,0.1,\n")
+
+
+def test_plot_targets_are_the_current_dags_plots_only(tmp_path):
+    """The tiny profile trains GSM8K only: its curves are drawn, MBPP's and ARC-Easy's figures are left out
+    (an MBPP curve of another profile's run is on disk: not drawn), unwritten outputs are named as such."""
+    from flows.dag import plot_targets
+
+    shutil.copy(ROOT / "profiles" / "tiny.yaml", tmp_path / "params.yaml")
+    _curves(tmp_path, ["expert_gsm8k", "lora_gsm8k", "expert_mbpp", "lora_mbpp"])
+    targets, left_out = plot_targets(tmp_path / "params.yaml", ROOT / "dvc.yaml", root=tmp_path)
+    assert targets == ["plots/expert_gsm8k.csv", "plots/lora_gsm8k.csv", "validation_gsm8k", "training_gsm8k"]
+    other = "draws a task this profile does not run"
+    assert {k: v for k, v in left_out.items() if v == other} == {
+        f"{kind}_{task}": other for kind in ("validation", "training") for task in ("mbpp", "arc_easy")}
+    assert {k for k, v in left_out.items() if v != other} == {  # this DAG's, not run yet
+        "plots/classifier.csv", "plots/dispatch", "plots/cem_arc_challenge.csv", "plots/results.png"}
+    targets, left_out = plot_targets(ROOT / "params.yaml", ROOT / "dvc.yaml", root=tmp_path / "nothing")
+    assert targets == [] and all(v != other for v in left_out.values())  # the default DAG runs every figure
+
+
+def _dvc(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+
+
+def test_t2_plots_draws_this_dags_plots_without_dvcs_warning(tmp_path, monkeypatch, capfd):
+    """`dvc plots show` under the tiny profile warns "failed to load some plots" (figures of tasks it does not
+    train) and draws another run's MBPP curve; `t2 plots` draws exactly this DAG's, offline, with no warning."""
+    from flows.cli import main
+
+    assert _dvc("init", "--no-scm", "-q", cwd=tmp_path).returncode == 0
+    shutil.copytree(ROOT / ".dvc" / "plots", tmp_path / ".dvc" / "plots")
+    assert _dvc("config", "plots.html_template", "plots/offline.html", cwd=tmp_path).returncode == 0
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy(ROOT / "profiles" / "tiny.yaml", tmp_path / "params.yaml")
+    _curves(tmp_path, ["expert_gsm8k", "lora_gsm8k", "expert_mbpp"])
+    plain = _dvc("plots", "show", cwd=tmp_path)
+    assert plain.returncode == 0 and "failed to load some plots" in plain.stdout + plain.stderr
+    assert "expert_mbpp.csv" in (tmp_path / "dvc_plots" / "index.html").read_text()  # another run's curve drawn
+    shutil.rmtree(tmp_path / "dvc_plots")
+    monkeypatch.chdir(tmp_path)
+    capfd.readouterr()
+    assert main(["plots"]) == 0
+    out, err = capfd.readouterr()
+    assert "failed to load" not in out + err
+    assert "t2 plots: not drawn, draws a task this profile does not run: validation_mbpp" in err
+    html = (tmp_path / "dvc_plots" / "index.html").read_text()
+    assert "validation_gsm8k" in html and "training_gsm8k" in html and "plots/expert_gsm8k.csv" in html
+    assert "expert_mbpp" not in html and "validation_mbpp" not in html
+    assert "cdn.jsdelivr" not in html  # the offline template
