@@ -225,6 +225,26 @@ def test_pipeline_flow_reads_its_stages_from_dvc_yaml(tmp_path):
     assert stages["model"].commands == ("t2 model",) and not stages["model"].foreach
 
 
+def test_a_stages_output_reaches_the_pipeline_flows_log_as_it_comes():
+    """`t2 pipeline` (through DVC) logs each stage's output in its task run line by line while the stage runs
+    (flows/pipeline.py: `_stream`, which `dvc_repro_task` calls with the task's run logger), not at its end."""
+    import time
+
+    from flows.pipeline import _stream
+
+    seen = []
+
+    class Log:
+        def info(self, line):
+            seen.append((line, time.monotonic()))
+
+    stage = "import sys, time; print('first', flush=True); time.sleep(2); print('second', file=sys.stderr); sys.exit(3)"
+    code = _stream([sys.executable, "-c", stage], Log())
+    ended = time.monotonic()
+    assert code == 3 and [line for line, _ in seen] == ["first", "second"]  # stderr too; the exit code kept
+    assert ended - seen[0][1] >= 1.5  # the first line was logged while the stage still ran
+
+
 def test_dvc_push_and_pull_through_the_default_remote(project):
     """The remote in .dvc/config (a folder beside the checkout) shares every artifact: push, lose the
     workspace copies and the cache, pull, and the pipeline is up to date again."""
