@@ -101,3 +101,63 @@ def test_intervals_reach_mlflow_as_low_and_high():
     assert logged == {"best_val_accuracy": 0.5, "best_val_ci95_low": 0.2, "best_val_ci95_high": 0.8,
                       "dispatch.prompt_loglik.accuracy": 0.75, "dispatch.prompt_loglik.ci95_low": 0.6,
                       "dispatch.prompt_loglik.ci95_high": 0.85, "dispatch.prompt_loglik.n": 60.0}
+
+
+def test_the_light_mlflow_ui_of_the_readme_serves_the_comparison_without_job_workers(tmp_path):
+    """README: `MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --workers 1`. MLflow 3.17 otherwise also starts
+    a job runner with its huey consumers (10 processes, ~1.7 GB PSS here vs 2 and ~0.4 GB), which the runs
+    table does not use: the search behind the comparison view (filter tags.stage = 'eval') still answers."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    import mlflow
+
+    from .conftest import ROOT, wait_until
+
+    command = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --workers 1"
+    assert command in (ROOT / "README.md").read_text()
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("light")
+    client.create_run(experiment, tags={"stage": "eval", "method": "svf", "task": "gsm8k"})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "ui", "--workers", "1", "--host",
+                             "127.0.0.1", "--port", str(port), "--backend-store-uri", uri], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    def group() -> list[int]:  # the server's processes: its session
+        return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and os.getsid(int(p.name)) ==
+                proc.pid] if Path("/proc").is_dir() else []
+
+    try:
+        wait_until(up, 120, "mlflow ui did not answer /health")
+        time.sleep(3)  # a job runner would have started its consumers by now
+        body = json.dumps({"experiment_ids": [experiment], "filter": "tags.stage = 'eval'"}).encode()
+        request = urllib.request.Request(f"{url}/ajax-api/2.0/mlflow/runs/search", data=body,
+                                         headers={"Content-Type": "application/json"})
+        runs = json.loads(urllib.request.urlopen(request, timeout=30).read())["runs"]
+        assert [{t["key"]: t["value"] for t in r["data"]["tags"]}["method"] for r in runs] == ["svf"]
+        assert not Path("/proc").is_dir() or len(group()) <= 3, group()  # no huey consumers
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
