@@ -140,3 +140,31 @@ def test_exp_run_dry_with_a_set_param(project):
     proc = _run(["dvc", "exp", "run", "--dry", "--allow-missing", "-S", "rl.kl_coef=0.1"], root, env)
     assert "Running stage 'params'" in proc.stdout
     assert yaml.safe_load((root / "params.yaml").read_text())["rl"]["kl_coef"] == 0.0  # the workspace is untouched
+
+
+def test_the_readmes_sweep_table_fits_a_terminal(tmp_path):
+    """README's `dvc exp show` after the λ sweep: the experiment, λ and each SVF expert's score, nothing else
+    (all of `dvc exp show` is one column per metric and param: thousands of characters wide on the default)."""
+    import re
+
+    command = re.search(r"^  (dvc exp show --drop .*?)\s+#", (ROOT / "README.md").read_text(), re.M)
+    assert command, "README: no `dvc exp show --drop ...` line"
+    argv = [a.strip("'") for a in command.group(1).split()]
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "COLUMNS": "200"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"rl": {"kl_coef": 0.1, "lr": 0.002}, "seed": 0}))
+    trained, unseen = ("gsm8k", "mbpp", "arc_easy"), ("math", "humaneval", "arc_challenge")  # the default's
+    (tmp_path / "results.json").write_text(json.dumps({"score": {  # as `t2 report` writes it
+        method: {task: 0.25 for task in (trained + unseen if method == "base" else unseen if "-" in method else trained)}
+        for method in ("base", "lora", "svf", "t2-prompt", "t2-classifier", "t2-few-shot")}}))
+    (tmp_path / "metrics.json").write_text(json.dumps({"overhead_s": 1.5, "seconds": 20.0}))
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"report": {
+        "cmd": "true", "params": ["rl.kl_coef", "rl.lr", "seed"],
+        "metrics": [{"results.json": {"cache": False}}, {"metrics.json": {"cache": False}}]}}}))
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "commit", "-f", "-q"], ["git", "add", "-A"],
+                ["git", "commit", "-qm", "run"]):
+        _run([sys.executable, "-m", "dvc", *cmd[1:]] if cmd[0] == "dvc" else cmd, tmp_path, env)
+    out = _run([sys.executable, "-m", "dvc", *argv[1:], "--no-pager"], tmp_path, env).stdout
+    header = next(line for line in out.splitlines() if "Experiment" in line).split()
+    assert header == ["Experiment", "score.svf.gsm8k", "score.svf.mbpp", "score.svf.arc_easy", "rl.kl_coef"], out
+    assert max(len(line) for line in out.splitlines()) <= 100, out  # ~80 here
