@@ -109,3 +109,15 @@ def test_scores_do_not_depend_on_the_other_requests(setup):
     for k in (0, 7, 13, len(reqs) - 2):
         assert same(lm.loglikelihood([reqs[k]]), [together[k]])
     assert same(lm.loglikelihood(reqs[5:8]), together[5:8])  # one context: its prefix KV is shared
+
+
+def test_no_progress_bar_off_a_terminal(setup, capfd):
+    """lm-eval's evaluator calls `loglikelihood` without `disable_tqdm`, and HFLM then draws its "Tokenizing
+    inputs" bar whatever TQDM_DISABLE says (it passes disable=False): off a terminal, as a stage's output in the
+    `dvc-repro-<stage>` task log of `t2 pipeline`, the model turns it off. Results are the same either way."""
+    lm = Transformer2LM(pretrained=setup["model"], device="cpu", batch_size=3)
+    capfd.readouterr()
+    quiet = lm.loglikelihood(_requests()[:4])
+    assert "Tokenizing inputs" not in capfd.readouterr().err
+    _same(quiet, Transformer2LM(pretrained=setup["model"], device="cpu", batch_size=3).loglikelihood(
+        _requests()[:4], disable_tqdm=True))

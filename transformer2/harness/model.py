@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ast
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -185,7 +186,8 @@ class Transformer2LM(HFLM):
         self._set(expert)
         if method == "generate_until" and self.engine:
             return self._engine_generate_until(requests)
-        return getattr(HFLM, method)(self, requests, disable_tqdm=disable_tqdm)
+        disable_tqdm = disable_tqdm or not sys.stderr.isatty()  # HFLM's bars (disable=False beats TQDM_DISABLE)
+        return getattr(HFLM, method)(self, requests, disable_tqdm=disable_tqdm)  # only on a terminal, not in logs
 
     def _engine_generate_until(self, requests: list[Instance]) -> list[str]:
         """HFLM's generate_until through `decoding.generate`: the same contexts (left-truncated to
