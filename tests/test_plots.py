@@ -182,3 +182,8 @@ def test_t2_plots_draws_this_dags_plots_without_dvcs_warning(tmp_path, monkeypat
     assert "validation_gsm8k" in html and "training_gsm8k" in html and "plots/expert_gsm8k.csv" in html
     assert "expert_mbpp" not in html and "validation_mbpp" not in html
     assert "cdn.jsdelivr" not in html  # the offline template
+    from .test_offline_plots import _chromium, _dump_dom
+
+    if _chromium():  # drawn with no network: the 2 stage curves and the 2 figures
+        dom = _dump_dom(_chromium(), tmp_path / "dvc_plots" / "index.html", tmp_path / "browser")
+        assert dom.count('class="marks"') == 4 and 'id="vega-scripts-missing"' not in dom
