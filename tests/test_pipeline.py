@@ -128,6 +128,27 @@ def test_second_repro_does_nothing(project):
     assert "Running stage" not in proc.stdout
 
 
+def test_t2_plots_draws_every_plot_of_the_run_offline(project):
+    """After the tiny `dvc repro`: `t2 plots` draws every plot its DAG wrote, leaves out the figures of tasks
+    the profile does not train (plain `dvc plots show` would warn "failed to load some plots"), offline."""
+    root, env = project
+    shutil.copytree(ROOT / ".dvc" / "plots", root / ".dvc" / "plots", dirs_exist_ok=True)  # as in a checkout
+    proc = _run(["t2", "plots"], root, env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "failed to load" not in out, out[-3000:]
+    assert "not drawn, draws a task this profile does not run: validation_mbpp" in out and "not written" not in out
+    html = (root / "dvc_plots" / "index.html").read_text()
+    for plot in ("validation_gsm8k", "training_gsm8k", "expert_gsm8k.csv", "lora_gsm8k.csv", "classifier.csv",
+                 "cem_arc_challenge.csv", "plots_results_png", "plots_dispatch_classifier_loglik_png"):
+        assert plot in html, plot
+    assert "validation_mbpp" not in html and "cdn.jsdelivr" not in html
+    from .test_offline_plots import _chromium, _dump_dom
+
+    if _chromium():  # the 6 vega plots drawn with no network
+        dom = _dump_dom(_chromium(), root / "dvc_plots" / "index.html", root.parent / "browser-profile")
+        assert dom.count('class="marks"') == 6
+
+
 def test_pipeline_flow_through_dvc_skips_up_to_date_stages(project):
     root, env = project
     before = (root / "dvc.lock").read_text()
