@@ -91,9 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("lm-eval", help="lm-evaluation-harness's CLI with the `transformer2` model registered "
                    "(all lm-eval options; e.g. --model transformer2 --model_args pretrained=artifacts/model,"
                    "svd=artifacts/svd,expert=artifacts/experts/gsm8k --tasks gsm8k)", add_help=False)
-    s = sub.add_parser("plots", help="`dvc plots show` of this run's DAG only (other arguments go to it, e.g. "
-                       "--open): what its stages write, no other profile's curves, no warning for tasks it does "
-                       "not run; the DAG as params.yaml resolves it, as DVC does)")
+    s = sub.add_parser("plots", help="`dvc plots show` of this run's DAG only, as params.yaml resolves it: what its "
+                       "stages write, no other profile's curves, no warning for tasks it does not run (other "
+                       "arguments go to dvc plots show, e.g. --open)")
     s = sub.add_parser("check-params", help="validate params.yaml and print the resolved config")
     s.add_argument("--params", default="params.yaml")
     return p
