@@ -298,28 +298,29 @@ def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         pipeline_flow.serve(name=args.name, cron=args.cron, interval=args.interval, limit=1,
                             parameters={"params_path": args.params})
     elif args.command == "train-expert":
-        from .stages import expert_flow
+        from .stages import expert_flow, run_stage
 
-        expert_flow(task=args.task, params_path=args.params, resume=args.resume)
+        run_stage(expert_flow, task=args.task, params_path=args.params, resume=args.resume)
     elif args.command == "train-lora":
-        from .stages import lora_flow
+        from .stages import lora_flow, run_stage
 
-        lora_flow(task=args.task, params_path=args.params, resume=args.resume)
+        run_stage(lora_flow, task=args.task, params_path=args.params, resume=args.resume)
     elif args.command == "classifier":
-        from .stages import classifier_flow
+        from .stages import classifier_flow, run_stage
 
-        classifier_flow(params_path=args.params, resume=args.resume)
+        run_stage(classifier_flow, params_path=args.params, resume=args.resume)
     elif args.command == "cem":
-        from .stages import cem_flow
+        from .stages import cem_flow, run_stage
 
-        cem_flow(task=args.task, params_path=args.params, resume=args.resume)
+        run_stage(cem_flow, task=args.task, params_path=args.params, resume=args.resume)
     elif args.command == "eval":
-        from .stages import eval_flow
-        eval_flow(kind=args.kind, task=args.task, params_path=args.params)
-    else:
-        from .stages import STAGES
+        from .stages import eval_flow, run_stage
 
-        STAGES[args.command](params_path=args.params)
+        run_stage(eval_flow, kind=args.kind, task=args.task, params_path=args.params)
+    else:
+        from .stages import STAGES, run_stage
+
+        run_stage(STAGES[args.command], params_path=args.params)
     return 0
 
 

@@ -41,7 +41,7 @@ DEFAULT_IDLE_S = 120.0
 PRELOAD = ("torch", "transformers", "peft", "datasets", "mlflow", "mlflow.tracking",
            "mlflow.store.tracking.sqlalchemy_store", "prefect", "prefect.flows", "prefect.tasks",
            "lm_eval.evaluator", "lm_eval.tasks")  # not prefect.main: it sets up logging on the child's stderr
-PER_RUN = {"T2_PIPELINE_RUN", "MLFLOW_PARENT_RUN_ID", "PWD", "OLDPWD", "SHLVL", "_"}  # read when used
+PER_RUN = {"T2_PIPELINE_RUN", "T2_PARENT_FLOW_RUN", "MLFLOW_PARENT_RUN_ID", "PWD", "OLDPWD", "SHLVL", "_"}  # read when used
 PROJECT_PACKAGES = {"flows", "tasks", "transformer2", "tests"}  # never kept from the forkserver: fresh each stage
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 NAME_TAKEN = 3  # the forkserver's exit code when another one already serves its environment

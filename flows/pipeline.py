@@ -82,13 +82,22 @@ def command_task(command: str, params_path: str, env: Optional[dict] = None) -> 
 @flow(name="transformer2-repro", flow_run_name="repro")
 def repro_flow(dvc_args: list[str], params_path: str = str(layout.PARAMS)) -> None:
     """`t2 repro [dvc repro args]`: one `dvc repro` whose stage processes all use this run's Prefect server
-    (PREFECT_API_URL, set by `t2`) and whose MLflow runs nest under one parent run; DVC's output goes
-    straight to the terminal as it comes (each stage's logs are in its own flow run too)."""
+    (PREFECT_API_URL, set by `t2`), whose flow runs are subflows of this one (T2_PARENT_FLOW_RUN: stages.run_stage)
+    and whose MLflow runs nest under one parent run; DVC's output goes straight to the terminal as it comes
+    (each stage's logs are in its own flow run too)."""
     from tasks.tracking import pipeline_run
 
+    from prefect.runtime import flow_run
+
+    from .stages import PARENT_ENV
+
     get_run_logger().info(f"dvc repro {shlex.join(dvc_args)}")
-    with pipeline_run(load_params(params_path), name="repro"):
-        code = _stream(["dvc", "repro", *dvc_args])
+    os.environ[PARENT_ENV] = str(flow_run.id)  # each stage's flow run becomes a subflow of this one
+    try:
+        with pipeline_run(load_params(params_path), name="repro"):
+            code = _stream(["dvc", "repro", *dvc_args])
+    finally:
+        os.environ.pop(PARENT_ENV, None)
     if code != 0:
         raise RuntimeError(f"`dvc repro {shlex.join(dvc_args)}` failed with exit code {code}")
 

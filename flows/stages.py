@@ -29,6 +29,44 @@ def with_retries(task, params: Params):
     return task.with_options(retries=ex.retries, retry_delay_seconds=ex.retry_delay_s, retry_condition_fn=_retryable)
 
 
+PARENT_ENV = "T2_PARENT_FLOW_RUN"  # set by `t2 repro` for its stages: the flow run they are subflows of
+
+
+def run_stage(stage_flow, **parameters):
+    """Call a stage's flow. Under `t2 repro` (PARENT_ENV names its flow run; DVC started this process) the
+    stage's flow run is made a subflow of it, as an in-process subflow is: a tracking task run in the repro's
+    flow run (its state follows the subflow's, on the server) and this flow run under it. Anywhere else, or
+    if the parent cannot be reached, a plain call (a flow run of its own)."""
+    import os
+
+    from prefect.context import FlowRunContext
+
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or FlowRunContext.get() is not None:
+        return stage_flow(**parameters)
+    from uuid import UUID, uuid4
+
+    from prefect import Task
+    from prefect.client.orchestration import get_client
+    from prefect.context import TagsContext
+    from prefect.flow_engine import run_flow
+    from prefect.states import Pending
+
+    try:
+        with get_client(sync_client=True) as client:
+            tracker = client.create_task_run(Task(name=stage_flow.name, fn=stage_flow.fn), UUID(parent),
+                                             uuid4().hex, name=stage_flow.name, state=Pending())
+            run = client.create_flow_run(stage_flow, parameters=stage_flow.serialize_parameters(parameters),
+                                         parent_task_run_id=tracker.id, state=Pending(),
+                                         tags=TagsContext.get().current_tags)
+    except Exception as err:  # noqa: BLE001  (the stage must run either way; it is only the link)
+        import sys
+
+        print(f"t2: warning: not linked to the run's flow run {parent} ({type(err).__name__}: {err})", file=sys.stderr)
+        return stage_flow(**parameters)
+    return run_flow(stage_flow, flow_run=run, parameters=parameters)
+
+
 @flow(name="model")
 def model_flow(params_path: str = str(layout.PARAMS)) -> dict:
     from tasks.model import prepare_model_task

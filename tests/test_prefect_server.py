@@ -185,6 +185,13 @@ def test_repro_runs_every_stage_on_one_server(tmp_path, mirror):
     assert set(runs) == {"transformer2-repro", "data"}, runs  # both on this one server's database
     tag = [t for t in runs["transformer2-repro"] if t.startswith("t2-pipeline:")]
     assert tag and tag[0] in runs["data"]
+    # every stage's flow run is a subflow of the repro's: under a tracking task run of it, whose state follows
+    (repro,), = db.execute("select flow_run.id from flow_run join flow on flow.id = flow_run.flow_id "
+                           "where flow.name = 'transformer2-repro'").fetchall()
+    subflows = db.execute("select flow.name, task_run.flow_run_id, task_run.state_type from flow_run "
+                          "join flow on flow.id = flow_run.flow_id "
+                          "join task_run on task_run.id = flow_run.parent_task_run_id").fetchall()
+    assert subflows == [("data", repro, "COMPLETED")], subflows
     assert json.loads((root / "metrics" / "data.json").read_text())["overhead_s"] > 0
 
 
