@@ -1,6 +1,7 @@
 """Decoding and scoring throughput against this CPU's fp32 matmul roofline.
 
     python benchmarks/generation.py [--quick] [--batches 1,8,32,64] [--max-new-tokens 128] [--threads 2]
+                                    [--dtype float32|bfloat16]
 
 On the default model (artifacts/model, or --model-dir; the SVD cache in --svd-dir is built if
 missing) with GSM8K test questions as chat prompts (artifacts/data, else the data mirror, else
@@ -22,7 +23,8 @@ choices) through the `transformer2` model (`loglik.token_logprobs`) vs plain HFL
 of --hflm-batches, with the largest difference in log-probability and is_greedy between them; lm-eval
 `generate_until` on --gsm8k-docs GSM8K docs (harness style, 5-shot, lm-eval's stop sequences) through the
 `transformer2` model vs plain HFLM at its best of --hflm-gen-batches, with how many outputs differ.
-Prints a table and writes benchmarks/results/generation.json.
+Prints a table and writes benchmarks/results/generation.json (generation_bfloat16.json with
+--dtype bfloat16: every method in bf16, shares against the fp32 roofline and bf16's own).
 """
 from __future__ import annotations
 
@@ -49,9 +51,10 @@ SYNTHETIC = ["A farmer has {a} cows and buys {b} more. Each cow gives {c} litres
              "How many pages did he read?"]
 
 
-def roofline(threads: int, repeats: int = 20) -> float:
-    """Best fp32 GFLOP/s of the matmul the issue measured (512×576 · 576×1536)."""
-    a, b = torch.randn(512, 576), torch.randn(576, 1536)
+def roofline(threads: int, repeats: int = 20, dtype: torch.dtype = torch.float32) -> float:
+    """Best GFLOP/s of the matmul the issue measured (512×576 · 576×1536), fp32 unless `dtype`
+    (bf16 runs on AMX / AVX512-BF16 where the CPU has them: several times the fp32 rate)."""
+    a, b = torch.randn(512, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
     for _ in range(3):
         a @ b
     best = min(_timed(lambda: a @ b) for _ in range(repeats))
@@ -87,8 +90,8 @@ def load_docs(data: str, n: int) -> tuple[list[dict], str]:
     return docs, "synthetic GSM8K-like questions (no data found)"
 
 
-def load_model(model_dir: str, svd_dir: str):
-    model, tokenizer, info = load_base(model_dir)
+def load_model(model_dir: str, svd_dir: str, dtype: str = "float32"):
+    model, tokenizer, info = load_base(model_dir, dtype=dtype)
     names = find_targets(model, "mlp")
     decompose(model, names, svd_dir, info.fingerprint)
     apply_svf(model, load_factors(svd_dir, info.fingerprint, modules=names), SVFConfig(targets="mlp"))
@@ -106,6 +109,9 @@ def main() -> None:
     ap.add_argument("--score-prompts", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="weights and activations of every method (model.dtype); shares stay against the fp32 "
+                         "roofline, with the dtype's own roofline beside them")
     ap.add_argument("--hf-batch", type=int, default=32, help="HF batch size in the stop-at-EOS run")
     ap.add_argument("--skip-hf-above", type=int, default=64, help="largest batch HF generate is timed at")
     ap.add_argument("--arc-docs", type=int, default=64, help="ARC-Easy docs for lm-eval loglikelihood (0: skip)")
@@ -115,7 +121,7 @@ def main() -> None:
     ap.add_argument("--gen-max-tokens", type=int, default=192, help="max_gen_toks of the generate_until requests "
                     "(the default profile's eval.max_gen_toks)")
     ap.add_argument("--quick", action="store_true", help="batches 1,8, 8 new tokens, 8 prompts: a smoke run")
-    ap.add_argument("--out", default="benchmarks/results/generation.json")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/generation[_<dtype>].json")
     args = ap.parse_args()
     if args.quick:
         args.batches, args.max_new_tokens, args.own_prompts, args.score_prompts, args.hf_batch = "1,8", 8, 8, 8, 8
@@ -125,7 +131,9 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     N = args.max_new_tokens
 
-    model, tokenizer, info = load_model(args.model_dir, args.svd_dir)
+    model, tokenizer, info = load_model(args.model_dir, args.svd_dir, args.dtype)
+    dtype = getattr(torch, args.dtype)
+    elem = torch.tensor([], dtype=dtype).element_size()
     t = time.perf_counter()
     kernel_alignment = {**dataclasses.asdict(alignment(model)), "measured_s": round(time.perf_counter() - t, 2)}
     params = sum(p.numel() for p in model.parameters())  # the base weights (SVF factors are buffers)
@@ -160,6 +168,7 @@ def main() -> None:
     rates: dict = {}
     load_before = os.getloadavg()
     roof = [roofline(args.threads)]
+    roof_dtype = [roofline(args.threads, dtype=dtype)] if args.dtype != "float32" else []
     for r in range(args.repeats):
         for B in batches:
             methods = [("base", lambda: engine(B, "base")), ("fixed", lambda: engine(B, "fixed")),
@@ -227,27 +236,32 @@ def main() -> None:
     score_tokens = sum(len(tokenizer(p + a, add_special_tokens=False)["input_ids"]) for p, a in zip(sp, answers))
     roof.append(roofline(args.threads))
     harness_ll = lm_eval_loglik(args.model_dir, args.data, args.arc_docs,
-                                [int(b) for b in args.hflm_batches.split(",")]) if args.arc_docs else None
+                                [int(b) for b in args.hflm_batches.split(",")], args.dtype) if args.arc_docs else None
     roof.append(roofline(args.threads))
     harness_gen = lm_eval_generate(args.model_dir, args.data, args.gsm8k_docs,
                                    [int(b) for b in args.hflm_gen_batches.split(",")],
-                                   args.gen_max_tokens) if args.gsm8k_docs else None
+                                   args.gen_max_tokens, args.dtype) if args.gsm8k_docs else None
     roof.append(roofline(args.threads))
+    if roof_dtype:
+        roof_dtype.append(roofline(args.threads, dtype=dtype))
 
     gflops = max(roof)
     roof_tok = gflops * 1e9 / (2 * params)
+    dtype_roof_tok = max(roof_dtype, default=0.0) * 1e9 / (2 * params)
     cfg = model.config
-    kv_bytes = 2 * 4 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    kv_bytes = 2 * elem * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
     context = statistics.mean(len(i) for i in ids[:max(batches)]) + N / 2  # mean keys per row and step
 
     def memory_bound(B) -> float:
         """tokens/s if a step took only the time to stream the weights and B rows' KV once."""
-        return B * bandwidth * 1e9 / (4 * params + B * context * kv_bytes)
+        return B * bandwidth * 1e9 / (elem * params + B * context * kv_bytes)
 
     rows = []
     for (name, B), runs in rates.items():
         rate = statistics.median(s["generated"] / s["seconds"] for s in runs)
         row = {"method": name, "batch": B, "tokens_per_s": round(rate, 2), "share_of_roofline": round(rate / roof_tok, 4)}
+        if roof_dtype:
+            row["share_of_dtype_roofline"] = round(rate / dtype_roof_tok, 4)
         # all the forward work, prompt tokens included: what the arithmetic of the step reaches
         forward = statistics.median((s["prefill_tokens"] + s["generated"]) / s["seconds"] for s in runs)
         row["forward_share_of_roofline"] = round(forward / roof_tok, 4)
@@ -267,12 +281,15 @@ def main() -> None:
         ("engine_over_hf", by[("base", B)] / by[("hf_generate", B)] if ("hf_generate", B) in by else None),)
         if v is not None}
     result = {
-        "model": info.name, "parameters": params, "threads": args.threads, "max_new_tokens": N,
+        "model": info.name, "parameters": params, "threads": args.threads, "max_new_tokens": N, "dtype": args.dtype,
         "prompts": source, "prompt_tokens_mean": round(sum(len(i) for i in ids[:max(batches)]) / max(batches), 1),
         # new tokens/s over the roofline cannot pass N / (N + P) while each prompt token costs a forward too
         "new_token_share_ceiling": round(N / (N + statistics.mean(len(i) for i in ids[:max(batches)])), 4),
         "roofline_gflops": round(gflops, 1), "roofline_gflops_all": [round(x, 1) for x in roof],
         "roofline_tokens_per_s": round(roof_tok, 1), "stream_gb_per_s": round(bandwidth, 1),
+        **({f"{args.dtype}_roofline_gflops": round(max(roof_dtype), 1),
+            f"{args.dtype}_roofline_gflops_all": [round(x, 1) for x in roof_dtype],
+            f"{args.dtype}_roofline_tokens_per_s": round(dtype_roof_tok, 1)} if roof_dtype else {}),
         "kv_bytes_per_token": kv_bytes, "memory_bound_tokens_per_s": {B: round(memory_bound(B), 1) for B in batches},
         "kernel_alignment": kernel_alignment,  # rows / keys multiples of this CPU (decoding.kernels)
         "rows": rows, "ratios": ratios, "rollouts": rollouts,
@@ -285,7 +302,7 @@ def main() -> None:
         "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "busy_processes": _busy(),
     }
-    out = Path(args.out)
+    out = Path(args.out or f"benchmarks/results/generation{'' if args.dtype == 'float32' else '_' + args.dtype}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 
@@ -293,7 +310,10 @@ def main() -> None:
           f"(mean {result['prompt_tokens_mean']} tokens)")
     print(f"roofline {gflops:.1f} GFLOP/s -> {roof_tok:.0f} tok/s at 2·{params / 1e6:.1f}M FLOP/token; "
           f"load average {load_before[0]:.1f} -> {result['loadavg_after'][0]:.1f}")
-    print(f"memory: {bandwidth:.1f} GB/s streamed; a step reads {4 * params / 1e6:.0f} MB of weights + "
+    if roof_dtype:
+        print(f"{args.dtype} roofline {max(roof_dtype):.1f} GFLOP/s -> {dtype_roof_tok:.0f} tok/s (the 'roofline' "
+              f"column stays the fp32 one; {args.dtype}'s share is in the JSON)")
+    print(f"memory: {bandwidth:.1f} GB/s streamed; a step reads {elem * params / 1e6:.0f} MB of weights + "
           f"{kv_bytes / 1e3:.1f} kB of KV per row and key ({context:.0f} keys on average) -> bound "
           + ", ".join(f"{v:.0f} tok/s at {B}" for B, v in result["memory_bound_tokens_per_s"].items()))
     print(f"new tokens/s can reach at most {result['new_token_share_ceiling']:.1%} of the roofline here: every "
@@ -358,7 +378,7 @@ def checkpoint_path(model_dir: str) -> str:
     return ModelInfo.load(model_dir).path if (Path(model_dir) / "model.json").is_file() else model_dir
 
 
-def lm_eval_loglik(model_dir: str, data: str, n_docs: int, hflm_batches: list[int]) -> dict | None:
+def lm_eval_loglik(model_dir: str, data: str, n_docs: int, hflm_batches: list[int], dtype: str = "float32") -> dict | None:
     """lm-eval's ARC-Easy loglikelihood requests (n_docs docs, every choice) timed through the
     `transformer2` model and through plain HFLM (same checkpoint) at each of `hflm_batches`."""
     from lm_eval.models.huggingface import HFLM
@@ -369,13 +389,13 @@ def lm_eval_loglik(model_dir: str, data: str, n_docs: int, hflm_batches: list[in
     if requests is None:
         return None
     checkpoint = checkpoint_path(model_dir)
-    lm = Transformer2LM(pretrained=model_dir, device="cpu", batch_size=16)
+    lm = Transformer2LM(pretrained=model_dir, device="cpu", batch_size=16, dtype=dtype)
     lm.loglikelihood(requests[:8])  # warm-up
     t = time.perf_counter()
     ours = lm.loglikelihood(requests)
     ours_s = time.perf_counter() - t
     del lm
-    plain = HFLM(pretrained=checkpoint, device="cpu", batch_size=hflm_batches[0])
+    plain = HFLM(pretrained=checkpoint, device="cpu", batch_size=hflm_batches[0], dtype=dtype)
     plain.loglikelihood(requests[:8])
     timings = {}
     for b in hflm_batches:
@@ -393,7 +413,8 @@ def lm_eval_loglik(model_dir: str, data: str, n_docs: int, hflm_batches: list[in
             "greedy_differs": sum(a[1] != b[1] for a, b in zip(ours, theirs))}
 
 
-def lm_eval_generate(model_dir: str, data: str, n_docs: int, hflm_batches: list[int], max_gen_toks: int) -> dict | None:
+def lm_eval_generate(model_dir: str, data: str, n_docs: int, hflm_batches: list[int], max_gen_toks: int,
+                     dtype: str = "float32") -> dict | None:
     """lm-eval's GSM8K generate_until requests (harness style: its 5-shot prompts and stop sequences, as the
     default profile's cells; n_docs docs, max_gen_toks each) through the `transformer2` model and through
     plain HFLM (same checkpoint) at each of `hflm_batches`, with how many outputs differ."""
@@ -407,7 +428,7 @@ def lm_eval_generate(model_dir: str, data: str, n_docs: int, hflm_batches: list[
     for inst in requests:
         inst.arguments = (inst.arguments[0], {**inst.arguments[1], "max_gen_toks": max_gen_toks})
     checkpoint = checkpoint_path(model_dir)
-    lm = Transformer2LM(pretrained=model_dir, device="cpu")
+    lm = Transformer2LM(pretrained=model_dir, device="cpu", dtype=dtype)
     tokenizer = lm.tokenizer
     t = time.perf_counter()
     ours = lm.generate_until(requests)
@@ -416,7 +437,7 @@ def lm_eval_generate(model_dir: str, data: str, n_docs: int, hflm_batches: list[
     del lm
     timings, theirs = {}, None
     for b in hflm_batches:
-        plain = HFLM(pretrained=checkpoint, device="cpu", batch_size=b)
+        plain = HFLM(pretrained=checkpoint, device="cpu", batch_size=b, dtype=dtype)
         t = time.perf_counter()
         theirs = plain.generate_until(requests)
         timings[b] = round(time.perf_counter() - t, 1)

@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--val", type=int, default=64, help="validation docs")
     ap.add_argument("--test", type=int, default=300, help="test docs for the paired comparison")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="model.dtype of training and both test cells (bf16: fast where the CPU has AMX)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.manual_seed(a.seed)
@@ -78,7 +80,7 @@ def main() -> None:
                                   entropy_coef=a.entropy_coef, samples_per_prompt=a.samples, baseline=a.baseline,
                                   micro_batch_size=16)
     svf = SVFConfig()
-    model, tokenizer, info = load_patched(a.model, a.svd, svf)
+    model, tokenizer, info = load_patched(a.model, a.svd, svf, dtype=a.dtype)
     initial = init_expert(model, info.fingerprint, svf, torch.Generator().manual_seed(a.seed))
     train = load_split(a.data, a.task, "train")
     val = load_split(a.data, a.task, "validation")[: a.val]
@@ -92,9 +94,10 @@ def main() -> None:
     expert.save(work / "expert")
     movement = expert_movement(expert, initial, load_singular_values(a.svd, info.fingerprint))
     del model
-    base_samples, base = evaluate({"pretrained": a.model}, a.task, Path(a.data), a.test, a.max_new_tokens,
+    base_samples, base = evaluate({"pretrained": a.model, "dtype": a.dtype}, a.task, Path(a.data), a.test, a.max_new_tokens,
                                   work / "eval_base")
-    svf_samples, svf_cell = evaluate({"pretrained": a.model, "svd": a.svd, "expert": str(work / "expert")}, a.task,
+    svf_samples, svf_cell = evaluate({"pretrained": a.model, "svd": a.svd, "expert": str(work / "expert"),
+                                      "dtype": a.dtype}, a.task,
                                      Path(a.data), a.test, a.max_new_tokens, work / "eval_svf")
     metric = base["headline"]["metric"]
     out = {"task": a.task, "settings": {**vars(a), "loop": vars(loop), "objective": vars(objective)},
@@ -111,7 +114,8 @@ def main() -> None:
     suffix = "".join(f"_{name}{value:g}" for name, value, default in (("lr", a.lr, 3e-2), ("kl", a.kl_coef, 0.0),
                                                                         ("entropy", a.entropy_coef, 0.0),
                                                                         ("batch", a.batch, 4), ("k", a.samples, 8))
-                     if value != default) + ("" if a.baseline == "rloo" else f"_{a.baseline}")
+                     if value != default) + ("" if a.baseline == "rloo" else f"_{a.baseline}") + (
+        "" if a.dtype == "float32" else f"_{a.dtype}")
     path = Path(a.out or Path(__file__).parent / "results" / f"rl_signal_{a.task}{suffix}.json")
     atomic_write_json(path, out)
     t = out["test"]

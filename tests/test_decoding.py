@@ -177,6 +177,27 @@ def test_greedy_matches_hf_with_a_fixed_expert_and_with_per_row_z(patched):
     assert all(layer.z is None for layer in svf_layers(model).values())
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_bfloat16_decodes_what_hf_computes_in_bfloat16(arch):
+    """model.dtype: bfloat16 (AMX CPUs, GPUs): every step's logits are HF's own bf16 forward of the
+    same tokens to bf16 rounding, and a greedy token differs from HF's argmax only at a near-tie.
+    (Token identity with HF `generate` cannot hold in bf16: the engine's attention sums in
+    another order than SDPA, and bf16 keeps 8 bits.)"""
+    model, tokenizer = build_tiny_random(arch)
+    model.to(torch.bfloat16).eval()
+    prompts = chat_and_plain(tokenizer)[:6]
+    got, seen = logits_by_row(model=model, prompts=prompts, max_new_tokens=12, max_batch=4)
+    for i, (p, ids) in enumerate(zip(prompts, got)):
+        assert len(ids) == 12 and next(model.parameters()).dtype == torch.bfloat16
+        with torch.no_grad():
+            ref = model(torch.tensor([p + ids[:-1]])).logits[0, len(p) - 1:]  # HF's bf16 forward, same tokens
+        for step, (ours, theirs) in enumerate(zip(seen[i], ref)):
+            ours, theirs = ours.float(), theirs.float()
+            assert (ours - theirs).abs().max() <= 0.02 * theirs.abs().max() + 0.01, (i, step)  # a few bf16 ulps
+            top = theirs.topk(2).values
+            assert ids[step] == int(theirs.argmax()) or top[0] - top[1] <= 0.02 * top[0].abs() + 0.01, (i, step)
+
+
 # ---------------------------------------------------------------- batch invariance, bitwise
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
