@@ -78,8 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("repro", help="`dvc repro` as one Prefect flow run (any dvc repro arguments, e.g. "
                        "`t2 repro expert@gsm8k`, `t2 repro -f`)",
                        description="Runs `dvc repro ARGS` on the project's shared Prefect server (or the one "
-                       "PREFECT_API_URL points at) as one flow run: every stage's flow run is tagged "
-                       "t2-pipeline:<id> and its MLflow run nests under one parent. The shared server stops "
+                       "PREFECT_API_URL points at) as one flow run: every stage's flow run is a subflow of it, "
+                       "tagged t2-pipeline:<id>, and its MLflow run nests under one parent. The shared server stops "
                        "itself T2_PREFECT_SERVER_IDLE_S (120) seconds after its last stage.")
     s = sub.add_parser("serve", help="serve the pipeline flow for the Prefect UI (runs until stopped)")
     s.add_argument("--params", default="params.yaml")
