@@ -36,6 +36,10 @@ STAGE_HELP = {
 TRACKED = {"model", "data", "decompose", "report", "train-expert", "train-lora", "classifier", "cem", "eval",
            "pipeline", "serve", "repro"}  # commands that log to MLflow
 FORKED = TRACKED - {"pipeline", "serve", "repro"}  # the stages: run in a child of the forkserver
+# a stage command's flow in flows.stages and what it takes from argv besides --params (the others: stages.STAGES)
+STAGE_FLOWS = {"train-expert": ("expert_flow", ("task", "resume")), "train-lora": ("lora_flow", ("task", "resume")),
+               "classifier": ("classifier_flow", ("resume",)), "cem": ("cem_flow", ("task", "resume")),
+               "eval": ("eval_flow", ("kind", "task"))}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -297,30 +301,12 @@ def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
 
         pipeline_flow.serve(name=args.name, cron=args.cron, interval=args.interval, limit=1,
                             parameters={"params_path": args.params})
-    elif args.command == "train-expert":
-        from .stages import expert_flow, run_stage
-
-        run_stage(expert_flow, task=args.task, params_path=args.params, resume=args.resume)
-    elif args.command == "train-lora":
-        from .stages import lora_flow, run_stage
-
-        run_stage(lora_flow, task=args.task, params_path=args.params, resume=args.resume)
-    elif args.command == "classifier":
-        from .stages import classifier_flow, run_stage
-
-        run_stage(classifier_flow, params_path=args.params, resume=args.resume)
-    elif args.command == "cem":
-        from .stages import cem_flow, run_stage
-
-        run_stage(cem_flow, task=args.task, params_path=args.params, resume=args.resume)
-    elif args.command == "eval":
-        from .stages import eval_flow, run_stage
-
-        run_stage(eval_flow, kind=args.kind, task=args.task, params_path=args.params)
     else:
-        from .stages import STAGES, run_stage
+        from . import stages
 
-        run_stage(STAGES[args.command], params_path=args.params)
+        name, names = STAGE_FLOWS.get(args.command, (None, ()))
+        flow = getattr(stages, name) if name else stages.STAGES[args.command]
+        stages.run_stage(flow, params_path=args.params, **{n: getattr(args, n) for n in names})
     return 0
 
 
