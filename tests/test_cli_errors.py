@@ -3,7 +3,6 @@ to run, in seconds, before Prefect or a model starts (issue 14, item 6)."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import ROOT
+from .conftest import ROOT, free_port
 
 TINY = yaml.safe_load((ROOT / "profiles" / "tiny.yaml").read_text())
 
@@ -83,9 +82,7 @@ def test_bad_model_paths(project):
 
 
 def test_unreachable_tracking_server_fails_in_seconds(project):
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     (project / "uri.yaml").write_text(yaml.safe_dump({**TINY, "tracking": {**TINY["tracking"],
                                                                           "uri": f"http://127.0.0.1:{port}"}}))
     proc, seconds = t2(project, "data", "--params", "uri.yaml")

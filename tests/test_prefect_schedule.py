@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -29,6 +28,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from .conftest import free_port
 
 pytestmark = pytest.mark.timeout(720)  # server start + run + CLI checks; teardown still kills both
 
@@ -53,12 +54,6 @@ PROBE_FLOW = textwrap.dedent(f'''
     if __name__ == "__main__":  # as flows/cli.py serves the pipeline flow
         probe.serve(name="{DEPLOYMENT}", cron=sys.argv[1], parameters={{"params_path": "tiny.yaml"}})
 ''')
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
@@ -97,7 +92,7 @@ def _api(url: str, path: str, body: dict | None = None):
 def prefect_server(tmp_path_factory):
     """A real `prefect server start` (scheduler included) in a temporary PREFECT_HOME; killed at the end."""
     root = tmp_path_factory.mktemp("prefect")
-    port = _free_port()
+    port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ,
            "PREFECT_HOME": str(root / "home"),

@@ -109,7 +109,6 @@ def test_the_light_mlflow_ui_of_the_readme_serves_the_comparison_without_job_wor
     table does not use: the search behind the comparison view (filter tags.stage = 'eval') still answers."""
     import os
     import signal
-    import socket
     import subprocess
     import sys
     import time
@@ -118,7 +117,7 @@ def test_the_light_mlflow_ui_of_the_readme_serves_the_comparison_without_job_wor
 
     import mlflow
 
-    from .conftest import ROOT, wait_until
+    from .conftest import ROOT, free_port, wait_until
 
     command = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --workers 1"
     assert command in (ROOT / "README.md").read_text()
@@ -126,9 +125,7 @@ def test_the_light_mlflow_ui_of_the_readme_serves_the_comparison_without_job_wor
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("light")
     client.create_run(experiment, tags={"stage": "eval", "method": "svf", "task": "gsm8k"})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "ui", "--workers", "1", "--host",
                              "127.0.0.1", "--port", str(port), "--backend-store-uri", uri], cwd=tmp_path, env=env,
