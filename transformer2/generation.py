@@ -67,7 +67,7 @@ def _stop_ids(tokenizer, model) -> list[int]:
 
 @torch.no_grad()
 def rollout(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, do_sample: bool = False,
-            temperature: float = 1.0, top_p: float = 1.0, row_z=None, row_group=None, max_batch: int = 64,
+            temperature: float = 1.0, top_p: float = 1.0, row_z=None, row_group=None, max_batch: int = 128,
             progress: Progress = None) -> Rollout:
     """One completion per prompt through the decoding engine (`decoding.generate`), kept as token ids
     for a log-prob pass. `row_z`/`row_group`: one SVF z per row (CEM's population)."""

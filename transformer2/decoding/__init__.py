@@ -9,7 +9,9 @@ function (a registered `AttentionInterface`) for one that owns a preallocated KV
   only ever trails a row and a row's keys never move when other rows come and go;
 - continuous batching: a row leaves the batch the step it stops (the last row moves into its
   slot), and waiting prompts are admitted into free slots, within a token budget
-  (slots × (longest prompt + max_new_tokens));
+  (slots × (longest prompt + max_new_tokens) ≤ 65536, at most 128 slots: on 256 GSM8K prompts
+  with 192 new tokens, 128 slots decode 378 tok/s, 256 slots 359, and the old 16384 budget
+  capped that run at 40 slots, 243 tok/s on 128 prompts);
 - prefill is packed (no padding between prompts) and stops one token short of each prompt:
   every logit comes from the same one-token decode step, so nothing needs a per-row gather;
 - the prompts' common token prefix (a system prompt) is run once per z and copied into rows;

@@ -32,8 +32,9 @@ import torch.nn.functional as F
 
 ROW_CHOICES = (4, 8, 16, 32, 64)
 KEY_CHOICES = (16, 32, 64, 128)
-MAX_ROWS = 64        # decode rows probed (a multiple of every row choice)
+MAX_ROWS = 128       # decode rows probed (a multiple of every row choice; the engine's default max_batch)
 PREFILL_ROWS = 256   # one larger packed-prefill size probed (not for the LM head: its cost)
+PROBE = 2            # what the probe covers (2: decode rows up to 128); a cached alignment of another is measured again
 MAX_KEYS = 256       # key lengths probed
 
 
@@ -130,8 +131,9 @@ def _rows_stable(out: int, inp: int, bias: bool, align: int, dtype, g: torch.Gen
     top = MAX_ROWS if big else PREFILL_ROWS
     x = torch.randn(top, inp, generator=g).to(dtype)
     ref = F.linear(x, w, b)
-    sizes = [m for m in range(align, MAX_ROWS + 1, align) if not big or m in (align, 2 * align, 3 * align, 48)]
-    sizes += [] if big else [128]
+    sizes = [m for m in range(align, MAX_ROWS + 1, align)
+             if not big or m in (align, 2 * align, 3 * align, 48, MAX_ROWS)]
+    sizes += [] if big else [PREFILL_ROWS]
     for m in sizes:
         idx = torch.randperm(top, generator=g)[:m]
         if not torch.equal(F.linear(x[idx], w, b), ref[idx]):
@@ -170,7 +172,7 @@ def alignment(model) -> Alignment:
     if param.device.type != "cpu":  # not probed on accelerators: no invariance claimed
         return Alignment(ROW_CHOICES[0], KEY_CHOICES[0], False)
     specs, head = _linear_specs(model), _head_spec(model)
-    described = dict(machine=_machine(), model=type(model).__name__, linear=specs, heads=list(head),
+    described = dict(probe=PROBE, machine=_machine(), model=type(model).__name__, linear=specs, heads=list(head),
                      dtype=str(param.dtype), threads=torch.get_num_threads())
     key = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
     if key not in _cache:
