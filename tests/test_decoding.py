@@ -160,6 +160,24 @@ def test_greedy_matches_hf_generate(arch):
     assert got == hf_greedy(model, tokenizer, prompts, 20, batched=True)  # left-padded, mixed lengths
 
 
+def test_default_slots_fill_to_128_rows_within_the_token_budget():
+    """The defaults decode up to 128 rows at once (lm-eval's 192-token cells ran at 40 under the old
+    16384-position budget); the budget still caps rows when prompts are long; and rows come out
+    the same as through 4 slots."""
+    model, tokenizer = build_tiny_random("llama")
+    model.eval()
+    rand = kernels.random_prompt_maker(model, seed=3)
+    short = [rand(5 + i % 7) for i in range(140)]
+    stats: dict = {}
+    got = generate(model, short, max_new_tokens=4, stats=stats)
+    assert stats["slots"] == 128
+    assert got == generate(model, short, max_new_tokens=4, max_batch=4)
+    long = [rand(600) for _ in range(140)]
+    generate(model, long, max_new_tokens=200, stats=stats)
+    length = stats["slots"] * (600 + 200)
+    assert 64 <= stats["slots"] < 128 and length <= 65536
+
+
 def test_greedy_matches_hf_with_a_fixed_expert_and_with_per_row_z(patched):
     model, tokenizer, experts = patched
     prompts = chat_and_plain(tokenizer)[:6]
