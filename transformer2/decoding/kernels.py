@@ -165,7 +165,7 @@ def _attention_stable(kv_heads: int, group: int, d: int, keys: int, dtype, g: to
 def alignment(model) -> Alignment:
     """The smallest row and key multiples that keep this model's rows batch-invariant here:
     measured once per (CPU, torch, shapes, dtype, thread count) and kept in `_cache_file()`;
-    ~0.3 s for a tiny model, 13-19 s for SmolLM2-135M on this project's 2 cores. A kernel-level
+    ~0.3 s for a tiny model, 13-23 s for SmolLM2-135M on this project's 2 cores. A kernel-level
     probe picks the first candidate; the engine's own end-to-end check (`engine.rows_match_alone`, `loglik.scores_match_alone`) must confirm it, else larger
     multiples are tried."""
     param = next(model.parameters())
