@@ -11,6 +11,8 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
+from .decoding.kernels import MAX_ROWS
+
 Progress = Optional[Callable[[int, int], None]]  # (done, total)
 
 
@@ -67,7 +69,7 @@ def _stop_ids(tokenizer, model) -> list[int]:
 
 @torch.no_grad()
 def rollout(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, do_sample: bool = False,
-            temperature: float = 1.0, top_p: float = 1.0, row_z=None, row_group=None, max_batch: int = 128,
+            temperature: float = 1.0, top_p: float = 1.0, row_z=None, row_group=None, max_batch: int = MAX_ROWS,
             progress: Progress = None) -> Rollout:
     """One completion per prompt through the decoding engine (`decoding.generate`), kept as token ids
     for a log-prob pass. `row_z`/`row_group`: one SVF z per row (CEM's population)."""

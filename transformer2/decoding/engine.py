@@ -11,7 +11,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from ..svf import RowZ, preserved_svf_state, set_row_z, svf_layers
-from .kernels import Alignment, alignment, random_prompt_maker
+from .kernels import MAX_ROWS, Alignment, alignment, random_prompt_maker
 from .kv import _KV, _forward, _round_up
 from .sampling import _pick, _row_uniforms
 
@@ -246,7 +246,7 @@ def rows_match_alone(model, align: Alignment) -> bool:
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_ids: Sequence[int] = (),
              pad_id: int = 0, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              generator: Optional[torch.Generator] = None, row_z: Optional[RowZ] = None,
-             row_group: Optional[Sequence[int]] = None, token_budget: int = 65536, max_batch: int = 128,
+             row_group: Optional[Sequence[int]] = None, token_budget: int = 65536, max_batch: int = MAX_ROWS,
              share_prefix: bool = True, min_shared_tokens: int = 16, prefill_tokens: int = 2048,
              batch_invariant: bool = True, stop_check: Optional[Callable[[int, list], bool]] = None,
              on_logits: Optional[Callable[[list, torch.Tensor], None]] = None,

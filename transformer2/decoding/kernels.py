@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 ROW_CHOICES = (4, 8, 16, 32, 64)
 KEY_CHOICES = (16, 32, 64, 128)
-MAX_ROWS = 128       # decode rows probed (a multiple of every row choice; the engine's default max_batch)
+MAX_ROWS = 128       # decode rows probed (a multiple of every row choice), and so the engine's default max_batch
 PREFILL_ROWS = 256   # one larger packed-prefill size probed (not for the LM head: its cost)
 PROBE = 2            # what the probe covers (2: decode rows up to 128); a cached alignment of another is measured again
 MAX_KEYS = 256       # key lengths probed
