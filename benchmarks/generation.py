@@ -43,6 +43,7 @@ from transformer2.decoding import alignment, generate
 from transformer2.dispatch import continuation_logprobs
 from transformer2.generation import chat_prompts
 from transformer2.models import load_base
+from transformer2.runtime import keep_freed_memory
 from transformer2.svd import decompose, load_factors
 from transformer2.svf import SVFConfig, apply_svf, find_targets, init_expert, set_expert, svf_layers
 
@@ -128,6 +129,7 @@ def main() -> None:
         args.arc_docs, args.hflm_batches = 8, "8"
         args.gsm8k_docs, args.hflm_gen_batches, args.gen_max_tokens = 4, "4", 16
     torch.set_num_threads(args.threads)
+    malloc_tuned = keep_freed_memory()  # as the stages run (flows/cli.py); T2_MALLOPT=off measures glibc's default
     batches = [int(b) for b in args.batches.split(",")]
     N = args.max_new_tokens
 
@@ -281,7 +283,7 @@ def main() -> None:
         ("engine_over_hf", by[("base", B)] / by[("hf_generate", B)] if ("hf_generate", B) in by else None),)
         if v is not None}
     result = {
-        "model": info.name, "parameters": params, "threads": args.threads, "max_new_tokens": N, "dtype": args.dtype,
+        "model": info.name, "parameters": params, "threads": args.threads, "malloc_tuned": malloc_tuned, "max_new_tokens": N, "dtype": args.dtype,
         "prompts": source, "prompt_tokens_mean": round(sum(len(i) for i in ids[:max(batches)]) / max(batches), 1),
         # new tokens/s over the roofline cannot pass N / (N + P) while each prompt token costs a forward too
         "new_token_share_ceiling": round(N / (N + statistics.mean(len(i) for i in ids[:max(batches)])), 4),

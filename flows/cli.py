@@ -272,6 +272,9 @@ def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         use_project_server(log=log)  # the project's shared server, unless T2_PREFECT_SERVER=temporary
     if fork and (code := forkserver.run_forked(args.argv, log=log)) is not None:
         return code
+    from transformer2.runtime import keep_freed_memory
+
+    keep_freed_memory()  # this process runs the stage: fewer page faults in its forwards
     if not args.debug:
         import prefect.main  # noqa: F401  (configures logging; the filter goes on its console handler)
 

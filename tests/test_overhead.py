@@ -43,3 +43,29 @@ def test_stage_checks_import_nothing_heavy(tmp_path):
             "print(sorted(m for m in ('torch', 'mlflow', 'lm_eval', 'prefect', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+
+
+def _malloc_tuned(**env) -> bool:
+    import os
+
+    keep = {k: v for k, v in os.environ.items()
+            if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "T2_MALLOPT")}
+    code = "from transformer2.runtime import keep_freed_memory; print(keep_freed_memory())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**keep, **env})
+    return out.stdout.strip() == "True"
+
+
+def test_stages_keep_freed_memory_unless_told_otherwise():
+    """`keep_freed_memory` (where a stage starts running) sets glibc's thresholds so freed activations
+    are reused instead of faulted in again (its effect is measured in benchmarks/generation.py, not
+    timed here); T2_MALLOPT=off or glibc's own MALLOC_* / GLIBC_TUNABLES variables leave malloc alone."""
+    import ctypes.util
+
+    if not sys.platform.startswith("linux") or "libc.so" not in (ctypes.util.find_library("c") or ""):
+        return
+    assert _malloc_tuned()
+    assert not _malloc_tuned(T2_MALLOPT="off")
+    assert not _malloc_tuned(MALLOC_TOP_PAD_="1048576")
+    assert not _malloc_tuned(GLIBC_TUNABLES="glibc.malloc.top_pad=1048576")
