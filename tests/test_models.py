@@ -3,8 +3,9 @@ import json
 import pytest
 import torch
 
-from transformer2.models import (TINY_ARCHS, ModelError, ModelInfo, build_tiny_random, fingerprint, load_base,
-                                 prepare_model)
+import transformer2.models as models
+from transformer2.models import (TINY_ARCHS, ModelError, ModelInfo, build_tiny_random, cpu_has_bf16, fingerprint,
+                                 load_base, prepare_model)
 
 
 def test_prepare_tiny_builtin_writes_checkpoint_and_fingerprint(tiny_model_dir):
@@ -62,6 +63,25 @@ def test_cuda_requested_without_cuda(tiny_model_dir):
         pytest.skip("this machine has CUDA")
     with pytest.raises(ModelError, match="no CUDA device"):
         load_base(tiny_model_dir, device="cuda")
+
+
+def test_bf16_on_a_cpu_without_it_warns(tiny_model_dir, tmp_path, monkeypatch):
+    """bf16 without AMX / AVX512-BF16 is emulated and slow: loading says so (float32 never warns)."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: x\nflags\t\t: fpu sse avx2 avx512f\n")
+    assert cpu_has_bf16(str(cpuinfo)) is False
+    cpuinfo.write_text("flags\t\t: fpu avx512f avx512_bf16 amx_tile\n")
+    assert cpu_has_bf16(str(cpuinfo)) is True
+    assert cpu_has_bf16(str(tmp_path / "none")) is None
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)
+    with pytest.warns(RuntimeWarning, match="set model.dtype: float32"):
+        model, _, _ = load_base(tiny_model_dir, dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        load_base(tiny_model_dir, dtype="float32")
 
 
 @pytest.mark.slow

@@ -388,8 +388,25 @@ def load_model(path: str | Path, *, dtype: str = "float32", device: str = "cpu",
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # batched generation continues from the right edge
-    model.to(resolve_device(device)).eval()
+    device = resolve_device(device)
+    if dtype == "bfloat16" and device == "cpu" and cpu_has_bf16() is False:
+        import warnings
+
+        warnings.warn("model.dtype bfloat16 on a CPU without AMX or AVX512-BF16: its matmuls are emulated, "
+                      "several times slower than float32; set model.dtype: float32 here", RuntimeWarning)
+    model.to(device).eval()
     return model, tokenizer
+
+
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> Optional[bool]:
+    """Whether this CPU computes bfloat16 in hardware (AMX or AVX512-BF16 flags), None where unknown
+    (no /proc/cpuinfo): the default CPU profile's bf16 is fast only there."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    return None if flags is None else bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
 def load_base(model_dir: str | Path, *, dtype: str = "float32", device: str = "cpu"):
