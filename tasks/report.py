@@ -38,7 +38,8 @@ def write_report(params: Params, metrics_dir: str, cells: list[tuple[str, str, s
     classifier, cem, trained = read_stage_metrics(metrics_dir, {unit_name(s, i): hashes[unit_name(s, i)]
                                                                 for s, i in units})
     notes = {"Profile": f"eval.style={params.eval.style}, eval.limit={params.eval.limit} "
-                        f"(overrides: {params.eval.overrides or 'none'}), model {params.model.name}.",
+                        f"(overrides: {params.eval.overrides or 'none'}), model {params.model.name}, trained in "
+                        f"{params.model.dtype}, evaluated in {params.eval.dtype or params.model.dtype}.",
              "Two-pass cells": f"prompt / classifier dispatch with a `{params.eval.dispatch_mode}` first pass; "
                                "routes code→MBPP, math→GSM8K, reasoning→ARC-Easy expert, other→base weights. "
                                "Few-shot CEM shots come from each task's training split; HumanEval has none, so "

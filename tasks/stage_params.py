@@ -51,7 +51,7 @@ def lora_settings(params: Params, task: str, lora=None) -> dict:
 
 def cell_settings(params: Params, kind: str, task: str) -> dict:
     ev = params.eval.for_task(task)
-    out: dict[str, Any] = {"seed": params.seed, "model.dtype": params.model.dtype,
+    out: dict[str, Any] = {"seed": params.seed, "model.dtype": ev.dtype or params.model.dtype,  # what the cell computes in
                            "eval": {k: getattr(ev, k) for k in EVAL_CELL_KEYS}}
     if ev.secondary_style is not None:  # absent when unset: a cell without one keeps its settings hash
         out["eval"]["secondary_style"] = ev.secondary_style
@@ -88,7 +88,8 @@ def stage_settings(params: Params, stage: str, item: Optional[str] = None) -> di
         return cell_settings(p, CELL_KINDS_BY_STAGE[stage], item)
     if stage == "report":  # its notes, and which cells exist
         ev = p.eval
-        return {"model.name": p.model.name, "data.fewshot_holdout": p.data.fewshot_holdout,
+        return {"model.name": p.model.name, "model.dtype": p.model.dtype, "eval.dtype": p.eval.dtype,
+                "data.fewshot_holdout": p.data.fewshot_holdout,
                 "eval": {"style": ev.style, "limit": ev.limit, "overrides": ev.overrides,
                          "dispatch_mode": ev.dispatch_mode, "tasks": ev.tasks, "adapt_tasks": ev.adapt_tasks},
                 "rl.tasks": p.rl.tasks, "lora.tasks": p.lora.tasks, "cem.tasks": p.cem.tasks}

@@ -117,6 +117,16 @@ def test_one_cells_eval_override_reruns_that_tasks_cells_and_the_report(project)
                                                                    "eval-classifier@arc_challenge", "report"}
 
 
+def test_eval_dtype_reruns_every_cell_and_the_report_nothing_trained(project):
+    """eval.dtype is inference only: the experts, LoRA baselines, z_c and CEM keep model.dtype's runs."""
+    root, _ = project
+    cells = {f"{s.name}@{item}" for s in dag_stages(root / "params.yaml", root / "dvc.yaml")
+             if s.name.startswith("eval-") for item in s.items}
+    assert len(cells) >= 6
+    assert _after(project, {"eval.dtype": "bfloat16"}) == cells | {"report"}
+    assert _after(project, {"eval.dtype": TINY["model"]["dtype"]}) == {"report"}  # the same dtype: cells stay
+
+
 def test_a_retrained_expert_reruns_what_reads_it(project):
     root, env = project
     placeholder = root / "artifacts/experts/arc_easy/placeholder.txt"

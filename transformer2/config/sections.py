@@ -109,6 +109,9 @@ class EvalParams(PerTaskSection):
     num_fewshot: Optional[int] = Field(default=None, ge=0)
     apply_chat_template: bool = False
     max_gen_toks: Optional[int] = Field(default=192, ge=1)
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
+    """The cells' dtype; null: model.dtype (what the experts were trained in). Inference only, so a CPU
+    with AMX can score fp32-trained experts in bf16 (README "Profiles")."""
     adapt_tasks: list[str] = Field(default_factory=lambda: list(UNSEEN_TASKS))
     """Table 2: tasks every two-pass strategy (prompt, classifier, few_shot) is evaluated on."""
     dispatch_mode: Literal["generate", "loglik"] = "loglik"
