@@ -393,7 +393,7 @@ def load_model(path: str | Path, *, dtype: str = "float32", device: str = "cpu",
         import warnings
 
         warnings.warn("model.dtype bfloat16 on a CPU without AMX or AVX512-BF16: its matmuls are emulated, "
-                      "several times slower than float32; set model.dtype: float32 here", RuntimeWarning)
+                      "several times slower than float32: set model.dtype (and eval.dtype) to float32 here", RuntimeWarning)
     model.to(device).eval()
     return model, tokenizer
 
