@@ -392,8 +392,8 @@ def load_model(path: str | Path, *, dtype: str = "float32", device: str = "cpu",
     if dtype == "bfloat16" and device == "cpu" and cpu_has_bf16() is False:
         import warnings
 
-        warnings.warn("model.dtype bfloat16 on a CPU without AMX or AVX512-BF16: its matmuls are emulated, "
-                      "several times slower than float32: set model.dtype (and eval.dtype) to float32 here", RuntimeWarning)
+        warnings.warn("bfloat16 on a CPU without AMX or AVX512-BF16: its matmuls are emulated, slower than "
+                      "float32: set model.dtype (and eval.dtype) to float32 here", RuntimeWarning)
     model.to(device).eval()
     return model, tokenizer
 

@@ -77,8 +77,8 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 <<
     comes back as fresh pages, each a page fault: ~3-5 million minor faults for one prefill of
     128 prompts (25k tokens) of SmolLM2-135M, 30 s; with these settings (blocks up to 32 MB from
     the heap, trimmed only past 1 GB free, grown 256 MB at a time) 0.47 million and 22.5 s. Process
-    wide, so the stages call it, not the library; peak RSS is unchanged there (what is kept is
-    what the next forward needs). Skipped off glibc, with T2_MALLOPT=off, or when the user set
+    wide, so the stages call it, not the library; peak RSS in that prefill was 3.1-3.2 GB either
+    way (what is kept is what the next forward needs). Skipped off glibc, with T2_MALLOPT=off, or when the user set
     glibc's own MALLOC_* / GLIBC_TUNABLES variables (theirs win).
     """
     if os.environ.get(MALLOC_SWITCH, "").strip().lower() == "off" or any(k in os.environ for k in MALLOC_ENV):
