@@ -165,7 +165,7 @@ def evaluate_cell_task(params: Params, kind: str, task_name: str, args: dict, da
                     args, task_name, data_root=Path(data_dir), style=style, limit=ev.limit,
                     batch_size=ev.batch_size, num_fewshot=ev.num_fewshot, apply_chat_template=ev.apply_chat_template,
                     gen_kwargs={"max_gen_toks": ev.max_gen_toks} if ev.max_gen_toks else None,
-                    device=params.model.device, dtype=ev.dtype or params.model.dtype, seed=params.seed,
+                    device=params.model.device, dtype=params.cell_dtype(task_name), seed=params.seed,
                     response_cache=caches[style])
         out_path = Path(out_dir)
         out = outs[ev.style]

@@ -39,7 +39,7 @@ def write_report(params: Params, metrics_dir: str, cells: list[tuple[str, str, s
                                                                 for s, i in units})
     notes = {"Profile": f"eval.style={params.eval.style}, eval.limit={params.eval.limit} "
                         f"(overrides: {params.eval.overrides or 'none'}), model {params.model.name}, trained in "
-                        f"{params.model.dtype}, evaluated in {params.eval.dtype or params.model.dtype}.",
+                        f"{params.model.dtype}, evaluated in {params.cell_dtype()}.",
              "Two-pass cells": f"prompt / classifier dispatch with a `{params.eval.dispatch_mode}` first pass; "
                                "routes code→MBPP, math→GSM8K, reasoning→ARC-Easy expert, other→base weights. "
                                "Few-shot CEM shots come from each task's training split; HumanEval has none, so "

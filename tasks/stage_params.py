@@ -51,7 +51,7 @@ def lora_settings(params: Params, task: str, lora=None) -> dict:
 
 def cell_settings(params: Params, kind: str, task: str) -> dict:
     ev = params.eval.for_task(task)
-    out: dict[str, Any] = {"seed": params.seed, "model.dtype": ev.dtype or params.model.dtype,  # what the cell computes in
+    out: dict[str, Any] = {"seed": params.seed, "model.dtype": params.cell_dtype(task),  # what the cell computes in
                            "eval": {k: getattr(ev, k) for k in EVAL_CELL_KEYS}}
     if ev.secondary_style is not None:  # absent when unset: a cell without one keeps its settings hash
         out["eval"]["secondary_style"] = ev.secondary_style

@@ -45,13 +45,12 @@ def test_stage_checks_import_nothing_heavy(tmp_path):
     assert out.stdout.strip() == "[]"
 
 
-
-
 def _malloc_tuned(**env) -> bool:
     import os
 
-    keep = {k: v for k, v in os.environ.items()
-            if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "T2_MALLOPT")}
+    from transformer2.runtime import MALLOC_ENV, MALLOC_SWITCH
+
+    keep = {k: v for k, v in os.environ.items() if k not in (*MALLOC_ENV, MALLOC_SWITCH)}
     code = "from transformer2.runtime import keep_freed_memory; print(keep_freed_memory())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**keep, **env})
     return out.stdout.strip() == "True"

@@ -8,7 +8,7 @@ puts them together and loads a file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -39,6 +39,11 @@ class Params(Section):
     eval: EvalParams = Field(default_factory=EvalParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
     execution: ExecutionParams = Field(default_factory=ExecutionParams)
+
+    def cell_dtype(self, task: Optional[str] = None) -> str:
+        """What the eval cells (of `task`, its overrides applied) compute in: eval.dtype, else model.dtype."""
+        ev = self.eval if task is None else self.eval.for_task(task)
+        return ev.dtype or self.model.dtype
 
     @model_validator(mode="after")
     def _few_shot_needs_cem(self) -> "Params":
