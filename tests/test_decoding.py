@@ -172,10 +172,10 @@ def test_default_slots_fill_to_128_rows_within_the_token_budget():
     got = generate(model, short, max_new_tokens=4, stats=stats)
     assert stats["slots"] == 128
     assert got == generate(model, short, max_new_tokens=4, max_batch=4)
-    long = [rand(600) for _ in range(140)]
+    long = [rand(1000) for _ in range(140)]
     generate(model, long, max_new_tokens=200, stats=stats)
-    length = stats["slots"] * (600 + 200)
-    assert 64 <= stats["slots"] < 128 and length <= 65536
+    length = stats["slots"] * (1000 + 200)
+    assert 64 <= stats["slots"] < 128 and length <= 131072
 
 
 def test_greedy_matches_hf_with_a_fixed_expert_and_with_per_row_z(patched):
@@ -237,6 +237,28 @@ def test_a_rows_logits_never_depend_on_the_batch(arch, monkeypatch):
         for j, i in enumerate(order):
             assert_same_steps(seen[j], alone[i][:len(seen[j])], model, (trial, i))
             assert len(seen[j]) == (12 if early is None else min(12, 3 + j % 5))
+
+
+def test_decode_attention_spans_read_each_row_group_to_its_own_longest_row():
+    """Spans: one matmul over all rows while splitting saves little, else each span over its own keys."""
+    assert kv._spans([16] * 40) == [(0, 40, 16)]
+    assert kv._spans([96] * 16 + [608] + [96] * 31) == [(0, 16, 96), (16, 32, 608), (32, 48, 96)]
+    assert kv._spans([96] * 16 + [128] * 16) == [(0, 32, 128)]  # 512 (row, key) reads saved: not worth a call
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_rows_decode_the_same_whatever_span_their_attention_runs_in(arch, monkeypatch):
+    """Spans of 4 slots, split at any saving: each row's logits are those it gets alone."""
+    model, tokenizer = build_tiny_random(arch)
+    model.eval()
+    monkeypatch.setattr(kv, "SPAN_ROWS", 4)
+    monkeypatch.setattr(kv, "SPAN_COST", 0)
+    prompts = chat_and_plain(tokenizer) * 2
+    alone = [logits_by_row(model=model, prompts=[p], max_new_tokens=8)[1][0] for p in prompts]
+    _, seen = logits_by_row(model=model, prompts=prompts, max_new_tokens=8, share_prefix=False,
+                            stop_check=lambda r, ids: len(ids) >= 2 + r % 7)
+    for i in range(len(prompts)):
+        assert_same_steps(seen[i], alone[i][:len(seen[i])], model, i)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

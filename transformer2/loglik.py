@@ -52,8 +52,8 @@ def left_padded(rows: Sequence[Sequence[int]], pad: int, cached: int = 0) -> tup
     return ids, mask
 
 
-def _prefix_cache(model, ids: list[int], groups: list[int], use_z, pad_id: int, prefill_tokens: int, align) -> list:
-    """KV of the shared prompt prefix, one slot per z group, per layer (keys, values): by the
+def _prefix_cache(model, ids: list[int], groups: list[int], use_z, pad_id: int, prefill_tokens: int, align):
+    """KV of the shared prompt prefix, one slot per z group (a `_KV`): by the
     engine's own prefill, so a prompt's scores are the same bits with or without the prefix
     reuse (HF's forward rounds differently: ~5e-7 in a summed log-probability)."""
     from .decoding.engine import prefill
@@ -62,7 +62,7 @@ def _prefix_cache(model, ids: list[int], groups: list[int], use_z, pad_id: int, 
     kv = _KV(len(groups), _round_up(len(ids) + align.rows, align.keys), _device(model), align)
     prefill(model, kv, [(i, g, ids, 0) for i, g in enumerate(groups)], pad=pad_id, prefill_tokens=prefill_tokens,
             use_z=use_z)
-    return [(K[:, :, :len(ids)], V[:, :, :len(ids)]) for _, (K, V) in sorted(kv.layers.items())]
+    return kv
 
 
 def _logit_batches(order: Sequence[int], keep: Sequence[int], batch_size: int, vocab: int,
@@ -194,9 +194,7 @@ def token_logprobs(model, prompts: Sequence[Sequence[int]], continuations: Seque
         kv = _KV(len(idx), length, device, al)
         if prefix is not None:  # the shared prefix's KV into every prompt's slot
             src = torch.tensor([slot[groups[i]] for i in idx], device=device)
-            for layer, (K, V) in enumerate(prefix):
-                Kt, Vt = kv.buffers(layer, K, V)
-                Kt[:, :, :C], Vt[:, :, :C] = K[src], V[src]
+            kv.copy_positions(slice(None), prefix, src, C)
         prefill(model, kv, [(b, groups[i], prompt_ids[i][C:-1], C) for b, i in enumerate(idx)
                             if len(prompt_ids[i]) - 1 > C], pad=pad_id, prefill_tokens=prefill_tokens, use_z=use_z)
         # every candidate: one segment of its prompt's slot, from the last prompt token on; the

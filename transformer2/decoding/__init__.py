@@ -9,9 +9,14 @@ function (a registered `AttentionInterface`) for one that owns a preallocated KV
   only ever trails a row and a row's keys never move when other rows come and go;
 - continuous batching: a row leaves the batch the step it stops (the last row moves into its
   slot), and waiting prompts are admitted into free slots, within a token budget
-  (slots × (longest prompt + max_new_tokens) ≤ 65536, at most 128 slots: on 256 GSM8K prompts
-  with 192 new tokens, 128 slots decode 378 tok/s, 256 slots 359, and the old 16384 budget
-  capped that run at 40 slots, 243 tok/s on 128 prompts);
+  (slots × (longest prompt + max_new_tokens) ≤ 131072, at most 128 slots: on 256 GSM8K prompts
+  with 192 new tokens, 128 slots decode 378 tok/s, 256 slots 359, and a 16384 budget capped
+  that run at 40 slots, 243 tok/s on 128 prompts; on 203 MATH prompts, where one 520-token
+  prompt sets every slot's length, 65536 positions gave 92 slots, 131072 give 128: the call
+  took 74.7 → 64.4 s in bf16 (184 slots: 67.4 s), 112.1 → 102.7 s in fp32 at 184 slots;
+  the KV cache is at most 131072 × 46 KB = 6 GB for SmolLM2 in fp32, 3 GB in bf16);
+- decode attention runs over spans of slots, each to its own longest row's keys
+  (`kv._spans`), so one long prompt does not make every row read its keys;
 - prefill is packed (no padding between prompts) and stops one token short of each prompt:
   every logit comes from the same one-token decode step, so nothing needs a per-row gather;
 - the prompts' common token prefix (a system prompt) is run once per z and copied into rows;

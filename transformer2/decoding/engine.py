@@ -119,10 +119,7 @@ class _Decoder:
         a, C = self.active, self.shared
         if self.prefix is not None:
             src = torch.tensor([self.group_slot[self.groups[r]] for r in new], device=self.device)
-            for layer, (K, V) in self.prefix.layers.items():
-                Kt, Vt = self.kv.buffers(layer, K, V)
-                Kt[a:a + len(new), :, :C] = K[src, :, :C]
-                Vt[a:a + len(new), :, :C] = V[src, :, :C]
+            self.kv.copy_positions(slice(a, a + len(new)), self.prefix, src, C)
         # the last prompt token is fed by the first decode step; a twin's rows copy its KV
         slot_of, copies, items = {}, [], []
         for b, r in enumerate(new):
@@ -136,9 +133,7 @@ class _Decoder:
         if copies:
             dst, src = (torch.tensor(c, device=self.device) for c in zip(*copies))
             n = max(len(self.prompts[new[d - a]]) for d, _ in copies) - 1
-            for K, V in self.kv.layers.values():
-                K[dst, :, :n] = K[src, :, :n]
-                V[dst, :, :n] = V[src, :, :n]
+            self.kv.copy_positions(dst, self.kv, src, n)
         self.clock["prompts_copied"] += len(copies)
         for b, r in enumerate(new):
             self.rid[a + b] = r
@@ -246,7 +241,7 @@ def rows_match_alone(model, align: Alignment) -> bool:
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, stop_ids: Sequence[int] = (),
              pad_id: int = 0, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              generator: Optional[torch.Generator] = None, row_z: Optional[RowZ] = None,
-             row_group: Optional[Sequence[int]] = None, token_budget: int = 65536, max_batch: int = MAX_ROWS,
+             row_group: Optional[Sequence[int]] = None, token_budget: int = 131072, max_batch: int = MAX_ROWS,
              share_prefix: bool = True, min_shared_tokens: int = 16, prefill_tokens: int = 2048,
              batch_invariant: bool = True, stop_check: Optional[Callable[[int, list], bool]] = None,
              on_logits: Optional[Callable[[list, torch.Tensor], None]] = None,

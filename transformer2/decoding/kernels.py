@@ -34,7 +34,8 @@ ROW_CHOICES = (4, 8, 16, 32, 64)
 KEY_CHOICES = (16, 32, 64, 128)
 MAX_ROWS = 128       # decode rows probed (a multiple of every row choice), and so the engine's default max_batch
 PREFILL_ROWS = 256   # one larger packed-prefill size probed (not for the LM head: its cost)
-PROBE = 2            # what the probe covers (2: decode rows up to 128); a cached alignment of another is measured again
+PROBE = 3            # what the probe covers (2: decode rows up to 128; 3: keys stored transposed); a cached
+                     # alignment of another is measured again
 MAX_KEYS = 256       # key lengths probed
 
 
@@ -147,14 +148,14 @@ def _attention_stable(kv_heads: int, group: int, d: int, keys: int, dtype, g: to
     piece's key length is its own end rounded up: it never depends on the other rows.)"""
     from .kv import _attn
 
-    K = torch.randn(kv_heads, MAX_KEYS, d, generator=g).to(dtype)
+    Kt = torch.randn(kv_heads, d, MAX_KEYS, generator=g).to(dtype)  # the engine's layout: keys transposed
     V = torch.randn(kv_heads, MAX_KEYS, d, generator=g).to(dtype)
     q = torch.randn(kv_heads, group, d, generator=g).to(dtype)
     for visible in (1, keys - 1, keys + 3, MAX_KEYS // 2 + 5):
         ok = torch.arange(MAX_KEYS) < visible
         ref = None
         for L in range(-(-visible // keys) * keys, MAX_KEYS + 1, keys):
-            out = _attn(q, K[:, :L], V[:, :L], ok[:L], d ** -0.5, None)
+            out = _attn(q, Kt[..., :L], V[:, :L], ok[:L], d ** -0.5, None)
             if ref is None:
                 ref = out
             elif not torch.equal(out, ref):

