@@ -83,6 +83,7 @@ class _KV:
         self.segments: list[tuple[int, int, int, int]] = []
         self.pos: Optional[torch.Tensor] = None
         self.kv_len = 0
+        self.spans: list[tuple[int, int, int]] = []  # decode: see _spans
         self._masks: dict = {}
 
     def set_prefill(self, segments: list[tuple[int, int, int, int]]) -> None:
