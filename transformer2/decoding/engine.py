@@ -148,7 +148,7 @@ class _Decoder:
         t = time.perf_counter()
         m, rows = self.active, _round_up(self.active, self.align)
         self.use_z([r if r is not None else self.rid[0] for r in self.rid[:rows]])
-        self.kv.set_decode(self.pos[:rows], int(self.pos[:m].max()))
+        self.kv.set_decode(self.pos[:rows])
         logits = _forward(self.model, self.kv, self.tok[:rows], self.pos[:rows])[:m]
         nxt = pick(self.rid[:m], logits)
         self.tok[:m] = nxt

@@ -89,10 +89,11 @@ class _KV:
     def set_prefill(self, segments: list[tuple[int, int, int, int]]) -> None:
         self.segments, self.pos, self._masks = segments, None, {}
 
-    def set_decode(self, pos: torch.Tensor, longest: int) -> None:
+    def set_decode(self, pos: torch.Tensor) -> None:
+        """One token per slot at `pos` (padding slots at 0): each span's key length, and the longest."""
         self.pos, self._masks = pos, {}
-        self.kv_len = min(_round_up(longest + 1, self.align.keys), self.length)
-        self.spans = _spans([min(_round_up(p + 1, self.align.keys), self.length) for p in pos.tolist()])
+        keys = [min(_round_up(p + 1, self.align.keys), self.length) for p in pos.tolist()]
+        self.spans, self.kv_len = _spans(keys), max(keys)
 
     def buffers(self, layer: int, heads: int, key_dim: int, value_dim: int,
                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
