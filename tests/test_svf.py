@@ -6,7 +6,7 @@ from transformer2.config import ConfigError
 from transformer2.models import TINY_ARCHS, build_tiny_random, fingerprint
 from transformer2.svd import decompose, load_factors
 from transformer2.svf import (Expert, ExpertError, SVFConfig, apply_svf, count_svf_parameters, find_targets,
-                              init_expert, mix_experts, remove_svf, set_expert, svf_layers)
+                              init_expert, mix_experts, remove_svf, set_expert, set_row_z, svf_layers)
 
 
 def patched(arch="llama", targets="all", tmp_path=None, **cfg):
@@ -100,6 +100,32 @@ def test_per_sample_z_matches_per_sample_weights(tmp_path):
     for name, layer in svf_layers(model).items():
         layer.set_z(torch.stack([e.vectors[name] for e in experts]))
     assert torch.allclose(logits(model, IDS), torch.cat(expected), atol=1e-5)
+
+
+def test_grouped_z_is_bitwise_the_gathered_z_and_stays_differentiable(tmp_path):
+    """set_row_z(groups, index) computes σ·f(z) once per group (the engine's prefill gives every
+    token a row index): the same bits as one z per sample, and state() puts it back as it was."""
+    model, fp, config = patched(tmp_path=tmp_path)
+    groups = {n: torch.randn(3, layer.rank, generator=torch.Generator().manual_seed(5))
+              for n, layer in svf_layers(model).items()}
+    ids = IDS.repeat(3, 1)[:5]
+    for index in (torch.tensor([2, 0, 0, 1, 2]), torch.tensor([1, 0])):  # more samples than groups, and fewer
+        x = ids[:len(index)]
+        set_row_z(model, {n: z[index] for n, z in groups.items()})
+        expected = logits(model, x)
+        set_row_z(model, groups, index)
+        assert torch.equal(logits(model, x), expected)
+    saved = {n: layer.state() for n, layer in svf_layers(model).items()}
+    set_row_z(model, None)
+    for n, layer in svf_layers(model).items():
+        layer.restore(saved[n])
+    assert torch.equal(logits(model, x), expected)
+    live = {n: z.clone().requires_grad_(True) for n, z in groups.items()}  # a trained batch: gathered, with grad
+    set_row_z(model, live, index)
+    model(x).logits.square().mean().backward()
+    assert all(z.grad is not None and z.grad[0].abs().sum() > 0 and z.grad[2].abs().sum() == 0 for z in live.values())
+    with pytest.raises(ValueError, match="groups"):
+        next(iter(svf_layers(model).values())).set_z(torch.zeros(next(iter(svf_layers(model).values())).rank), index)
 
 
 def test_expert_round_trip_and_mismatch_errors(tmp_path):

@@ -51,7 +51,7 @@ class TorchBackend:
             if weights is None:
                 layer.set_z(None)
             else:  # a fixed W' as a rebuilt expert would hold it (z kept only as a marker)
-                layer.restore((torch.zeros(layer.rank, device=layer.S.device), weights[name].to(layer.S)))
+                layer.restore((torch.zeros(layer.rank, device=layer.S.device), weights[name].to(layer.S), None))
 
     def set_z(self, z: Optional[Mapping[str, torch.Tensor]]) -> None:
         from ..svf import svf_layers

@@ -15,7 +15,8 @@ class SVFLinear(nn.Module):
 
     - no expert (z is None): the wrapped base layer, bit-for-bit the base weights;
     - a trainable z, or a batch of z (one row per sample): the factored form
-      x → Vᵀx → scale → U, cheaper than rebuilding W' and differentiable in z only;
+      x → Vᵀx → scale → U, cheaper than rebuilding W' and differentiable in z only (a batch that
+      is not trained has its σ·f(z) computed once, when it is set, not in every forward);
     - a fixed z: W' is rebuilt once when the expert is set and used like a normal weight,
       so adapted generation runs at base-model speed.
     """
@@ -35,26 +36,45 @@ class SVFLinear(nn.Module):
         self.register_buffer("Vh", Vh.to(w.device, w.dtype), persistent=False)
         self.z: Optional[torch.Tensor] = None
         self._weight: Optional[torch.Tensor] = None
+        self._scales: Optional[torch.Tensor] = None  # σ·f(z) per sample, for a batch z set without grad
 
     @property
     def rank(self) -> int:
         return self.S.shape[0]
 
-    def set_z(self, z: Optional[torch.Tensor]) -> None:
-        """Activate an expert vector (r,), a per-sample batch (B, r), or None for the base weights."""
+    def set_z(self, z: Optional[torch.Tensor], index: Optional[torch.Tensor] = None) -> None:
+        """Activate an expert vector (r,), a per-sample batch (B, r), or None for the base weights.
+        With `index` (B,), sample i takes row index[i] of a batch of groups z (G, r) (the engine's
+        prefill sets a z per token): σ·f(z) is computed per group and gathered per sample, and z
+        is kept as given unless it is trained (then gathered, to stay differentiable)."""
         if z is not None and z.shape[-1] != self.rank:
             raise ValueError(f"expert vector of length {z.shape[-1]} for a layer of rank {self.rank}")
-        self.z = z
-        self._weight = None
-        if z is not None and z.dim() == 1 and not z.requires_grad:
-            self._weight = self.adapted_weight(z)
+        self.z, self._weight, self._scales = z, None, None
+        if z is None:
+            return
+        if index is not None:
+            if z.dim() != 2:
+                raise ValueError(f"an index into a batch of z needs z of shape (groups, {self.rank}), "
+                                 f"not {tuple(z.shape)}")
+            index = index.to(z.device)
+            if z.requires_grad:
+                self.z = z[index]
+            else:
+                groups = z if z.shape[0] < index.shape[0] else z[index]
+                s = self.config.scaled_singular_values(self.S, groups.to(self.S))
+                self._scales = s[index.to(s.device)] if groups is z else s
+        elif not z.requires_grad:
+            if z.dim() == 1:
+                self._weight = self.adapted_weight(z)
+            else:
+                self._scales = self.config.scaled_singular_values(self.S, z.to(self.S))
 
-    def state(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """The active z and its rebuilt W' (if any), to put back later without a rebuild."""
-        return self.z, self._weight
+    def state(self) -> tuple[Optional[torch.Tensor], ...]:
+        """The active z and what was built from it (W' or σ·f(z)), to put back later without a rebuild."""
+        return self.z, self._weight, self._scales
 
-    def restore(self, state: tuple[Optional[torch.Tensor], Optional[torch.Tensor]]) -> None:
-        self.z, self._weight = state
+    def restore(self, state: tuple[Optional[torch.Tensor], ...]) -> None:
+        self.z, self._weight, self._scales = state
 
     def adapted_weight(self, z: torch.Tensor) -> torch.Tensor:
         s = self.config.scaled_singular_values(self.S, z.to(self.S))
@@ -66,8 +86,8 @@ class SVFLinear(nn.Module):
             return self.base(x)
         if self._weight is not None:
             return F.linear(x, self._weight, self.base.bias)
-        s = self.config.scaled_singular_values(self.S, z.to(self.S))
-        if z.dim() == 2:  # one z per sample: broadcast over the sequence axes
+        s = self._scales if self._scales is not None else self.config.scaled_singular_values(self.S, z.to(self.S))
+        if s.dim() == 2:  # one z per sample: broadcast over the sequence axes
             s = s.view(s.shape[0], *([1] * (x.dim() - 2)), s.shape[-1])
         return F.linear(F.linear(x, self.Vh) * s, self.U, self.base.bias)
 

@@ -146,8 +146,7 @@ def set_row_z(model: nn.Module, row_z: Optional[RowZ], index: Optional[torch.Ten
         if row_z is None:
             layer.set_z(None)
         else:
-            z = row_z[name]
-            layer.set_z((z if index is None else z[index.to(z.device)]).to(layer.S.device))
+            layer.set_z(row_z[name].to(layer.S.device), index)
 
 
 def remove_svf(model: nn.Module) -> None:
