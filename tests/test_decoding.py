@@ -150,7 +150,7 @@ def test_without_an_invariant_alignment_the_engine_warns_and_still_decodes(monke
 # ---------------------------------------------------------------- greedy == HF generate
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_greedy_matches_hf_generate(arch):
+def test_greedy_matches_hf_generate(arch, monkeypatch):
     model, tokenizer = build_tiny_random(arch)
     model.eval()
     prompts = chat_and_plain(tokenizer)
@@ -158,6 +158,9 @@ def test_greedy_matches_hf_generate(arch):
                    pad_id=tokenizer.pad_token_id, max_batch=4)  # 12 prompts through 4 slots
     assert got == hf_greedy(model, tokenizer, prompts, 20)
     assert got == hf_greedy(model, tokenizer, prompts, 20, batched=True)  # left-padded, mixed lengths
+    monkeypatch.setattr(kv, "QUERY_BLOCK", 3)  # prefill attention in causal query blocks, each over its own keys
+    assert generate(model, prompts, max_new_tokens=20, stop_ids=[tokenizer.eos_token_id],
+                    pad_id=tokenizer.pad_token_id, max_batch=4) == got
 
 
 def test_default_slots_fill_to_128_rows_within_the_token_budget():
@@ -225,6 +228,7 @@ def test_a_rows_logits_never_depend_on_the_batch(arch, monkeypatch):
     model, tokenizer = build_tiny_random(arch)
     model.eval()
     monkeypatch.setattr(engine, "PIECE", 12)  # long prompts prefill in several pieces
+    monkeypatch.setattr(kv, "QUERY_BLOCK", 5)  # and pieces' attention in query blocks
     prompts = chat_and_plain(tokenizer)
     alone = [logits_by_row(model=model, prompts=[p], max_new_tokens=12)[1][0] for p in prompts]
     rng = random.Random(0)

@@ -19,6 +19,9 @@ function (a registered `AttentionInterface`) for one that owns a preallocated KV
   (`kv._spans`), so one long prompt does not make every row read its keys;
 - prefill is packed (no padding between prompts) and stops one token short of each prompt:
   every logit comes from the same one-token decode step, so nothing needs a per-row gather;
+  a prompt piece's attention runs in causal blocks of `kv.QUERY_BLOCK` queries, each over the
+  keys its last query sees, its scores scaled and masked by one `baddbmm` (64 five-shot-style
+  prompts of ~625 tokens: prefill attention 13.6 → 9.0 s in fp32, 7.8 → 6.3 s in bf16);
 - the prompts' common token prefix (a system prompt) is run once per z and copied into rows;
 - copies of one prompt (an RL rollout's k samples) admitted together prefill once and copy its KV
   (benchmarks/generation.py: 8 copies of 4 prompts prefill in 0.78 s vs 5.48 s for 32 prompts).

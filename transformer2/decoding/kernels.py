@@ -34,8 +34,8 @@ ROW_CHOICES = (4, 8, 16, 32, 64)
 KEY_CHOICES = (16, 32, 64, 128)
 MAX_ROWS = 128       # decode rows probed (a multiple of every row choice), and so the engine's default max_batch
 PREFILL_ROWS = 256   # one larger packed-prefill size probed (not for the LM head: its cost)
-PROBE = 3            # what the probe covers (2: decode rows up to 128; 3: keys stored transposed); a cached
-                     # alignment of another is measured again
+PROBE = 4            # what the probe covers (2: decode rows up to 128; 3: keys stored transposed; 4: prefill
+                     # attention in query blocks); a cached alignment of another is measured again
 MAX_KEYS = 256       # key lengths probed
 
 
@@ -145,7 +145,7 @@ def _rows_stable(out: int, inp: int, bias: bool, align: int, dtype, g: torch.Gen
 def _attention_stable(kv_heads: int, group: int, d: int, keys: int, dtype, g: torch.Generator) -> bool:
     """The engine's decode attention (`kv._attn`: a row's query heads against its keys) the same
     bits at every key length padded to `keys` — decode pads to the longest live row. (A prefill
-    piece's key length is its own end rounded up: it never depends on the other rows.)"""
+    query block's key length is its own end rounded up: it never depends on the other rows.)"""
     from .kv import _attn
 
     Kt = torch.randn(kv_heads, d, MAX_KEYS, generator=g).to(dtype)  # the engine's layout: keys transposed

@@ -45,6 +45,21 @@ def _attn(q, Kt, V, ok, scaling: float, softcap: Optional[float]) -> torch.Tenso
     return torch.matmul(torch.softmax(s, dim=-1), V)
 
 
+def _attn_prefill(q, Kt, V, bias, scaling: float, softcap: Optional[float]) -> torch.Tensor:
+    """`_attn` for one block of a prefill piece, (kv heads, queries, ·), masked by an additive
+    `bias` (0 / -inf): without a softcap one baddbmm writes the scaled, masked scores, one pass
+    over them instead of three (same bits as matmul, scale, mask; bf16 ~1.5x faster here)."""
+    if softcap:
+        s = torch.matmul(q, Kt)
+        s.mul_(scaling)
+        s = torch.tanh(s / softcap) * softcap + bias
+    else:
+        s = torch.baddbmm(bias, q, Kt, alpha=scaling)
+    return torch.matmul(torch.softmax(s, dim=-1), V)
+
+
+QUERY_BLOCK = 128    # prefill queries per attention matmul: each block reads only the keys its last query
+                     # sees (causal), and its scores stay in cache (fp32, a 512-token piece: 2.4 vs 3.9 ms)
 SPAN_ROWS = 16        # decode attention runs over spans of at least this many slots,
 SPAN_COST = 1024     # each over its own longest row's keys, where that saves more than this many (row, key) reads
 
@@ -85,6 +100,15 @@ class _KV:
         self.kv_len = 0
         self.spans: list[tuple[int, int, int]] = []  # decode: see _spans
         self._masks: dict = {}
+
+    def _bias(self, first: int, n: int, L: int, window: Optional[int], g: int, dtype) -> torch.Tensor:
+        """(1, g·n, L) additive mask of queries at positions first..first+n (each repeated for the g
+        query heads of a KV head), kept for the forward's other layers."""
+        key = (first, n, L, window, g)
+        if key not in self._masks:
+            ok = _visible(torch.arange(first, first + n, device=self.device)[:, None], L, window).repeat(g, 1)
+            self._masks[key] = torch.zeros(ok.shape, dtype=dtype, device=self.device).masked_fill_(~ok, float("-inf"))[None]
+        return self._masks[key]
 
     def set_prefill(self, segments: list[tuple[int, int, int, int]]) -> None:
         self.segments, self.pos, self._masks = segments, None, {}
@@ -128,16 +152,16 @@ class _KV:
             out = outs[0] if len(outs) == 1 else torch.cat(outs)
             return out.view(N, H, 1, -1).transpose(1, 2)
         outs = []
-        for i, (slot, start, off, n) in enumerate(self.segments):  # prefill: one piece of one prompt at a time
+        for slot, start, off, n in self.segments:  # prefill: one piece of one prompt at a time
             K[slot, ..., start:start + n] = key[off:off + n, :, 0].permute(1, 2, 0)
             V[slot, :, start:start + n] = value[off:off + n, :, 0].transpose(0, 1)
-            L = min(_round_up(start + n, self.align.keys), self.length)
-            if (i, window, g) not in self._masks:
-                q_pos = torch.arange(start, start + n, device=self.device)[:, None]
-                self._masks[i, window, g] = _visible(q_pos, L, window).repeat(g, 1)
-            q = query[off:off + n, :, 0].transpose(0, 1).reshape(kvh, g * n, d)
-            o = _attn(q, K[slot, ..., :L], V[slot, :, :L], self._masks[i, window, g], scaling, softcap)
-            outs.append(o.view(H, n, -1).transpose(0, 1))
+            q = query[off:off + n, :, 0].transpose(0, 1).view(kvh, g, n, d)
+            for a in range(0, n, QUERY_BLOCK):  # query block [a, e) over keys up to its own end, rounded
+                e = min(a + QUERY_BLOCK, n)
+                L = min(_round_up(start + e, self.align.keys), self.length)
+                o = _attn_prefill(q[:, :, a:e].reshape(kvh, g * (e - a), d), K[slot, ..., :L], V[slot, :, :L],
+                                  self._bias(start + a, e - a, L, window, g, query.dtype), scaling, softcap)
+                outs.append(o.view(H, e - a, -1).transpose(0, 1))
         return torch.cat(outs)[:, None]  # what HF attention functions return: (batch, q_len, heads, dim)
 
 
