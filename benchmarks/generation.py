@@ -350,6 +350,9 @@ def main() -> None:
     print("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
 
 
+FEWSHOT_SEED = 1234  # lm-eval's own default (simple_evaluate's fewshot_random_seed)
+
+
 def harness_requests(data: str, task_name: str, request_type: str, n_docs: int) -> list | None:
     """The `request_type` requests of the first n_docs docs of lm-eval task `task_name` (this project's
     harness-style YAMLs over the local data mirror), or None (said so) when no mirror holds the task."""
@@ -369,6 +372,7 @@ def harness_requests(data: str, task_name: str, request_type: str, n_docs: int) 
         manager = TaskManager(include_path=str(task_config_dir(root, Path(tmp), style="harness")),
                               include_defaults=False)
         task = get_task_dict([task_name], manager)[task_name]
+        task.set_fewshot_seed(FEWSHOT_SEED)  # else each run draws other shots: 972 vs 1008 prompt tokens in two runs
         task.build_all_requests(limit=n_docs, rank=0, world_size=1)
         return [inst for inst in task.instances if inst.request_type == request_type]
 
