@@ -46,7 +46,8 @@ class SVFLinear(nn.Module):
         """Activate an expert vector (r,), a per-sample batch (B, r), or None for the base weights.
         With `index` (B,), sample i takes row index[i] of a batch of groups z (G, r) (the engine's
         prefill sets a z per token): σ·f(z) is computed per group and gathered per sample, and z
-        is kept as given unless it is trained (then gathered, to stay differentiable)."""
+        is kept as given unless it is trained (then gathered, to stay differentiable). A z without
+        grad is read once, here: set it again after changing it in place."""
         if z is not None and z.shape[-1] != self.rank:
             raise ValueError(f"expert vector of length {z.shape[-1]} for a layer of rank {self.rank}")
         self.z, self._weight, self._scales = z, None, None
