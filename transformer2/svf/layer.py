@@ -60,15 +60,15 @@ class SVFLinear(nn.Module):
             index = index.to(z.device)
             if z.requires_grad:
                 self.z = z[index]
+            elif z.shape[0] < index.shape[0]:  # fewer groups than samples: scale the groups, then gather
+                self._scales = self.scaled(z)[index.to(self.S.device)]
             else:
-                groups = z if z.shape[0] < index.shape[0] else z[index]
-                s = self.config.scaled_singular_values(self.S, groups.to(self.S))
-                self._scales = s[index.to(s.device)] if groups is z else s
+                self._scales = self.scaled(z[index])
         elif not z.requires_grad:
             if z.dim() == 1:
                 self._weight = self.adapted_weight(z)
             else:
-                self._scales = self.config.scaled_singular_values(self.S, z.to(self.S))
+                self._scales = self.scaled(z)
 
     def state(self) -> tuple[Optional[torch.Tensor], ...]:
         """The active z and what was built from it (W' or σ·f(z)), to put back later without a rebuild."""
@@ -77,9 +77,12 @@ class SVFLinear(nn.Module):
     def restore(self, state: tuple[Optional[torch.Tensor], ...]) -> None:
         self.z, self._weight, self._scales = state
 
+    def scaled(self, z: torch.Tensor) -> torch.Tensor:
+        """σ·f(z) for z (r,) or (B, r), in the factors' dtype."""
+        return self.config.scaled_singular_values(self.S, z.to(self.S))
+
     def adapted_weight(self, z: torch.Tensor) -> torch.Tensor:
-        s = self.config.scaled_singular_values(self.S, z.to(self.S))
-        return (self.U * s) @ self.Vh
+        return (self.U * self.scaled(z)) @ self.Vh
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.z
@@ -87,7 +90,7 @@ class SVFLinear(nn.Module):
             return self.base(x)
         if self._weight is not None:
             return F.linear(x, self._weight, self.base.bias)
-        s = self._scales if self._scales is not None else self.config.scaled_singular_values(self.S, z.to(self.S))
+        s = self._scales if self._scales is not None else self.scaled(z)
         if s.dim() == 2:  # one z per sample: broadcast over the sequence axes
             s = s.view(s.shape[0], *([1] * (x.dim() - 2)), s.shape[-1])
         return F.linear(F.linear(x, self.Vh) * s, self.U, self.base.bias)
