@@ -1,0 +1,108 @@
+"""Stage time of two whole-DAG runs side by side: the sum of every stage's `seconds`, by kind of stage.
+
+    python benchmarks/stage_time.py --before REV_OR_DIR --after REV_OR_DIR [--out benchmarks/results/stage_time.json]
+
+Each side is a checkout that ran `dvc repro` (its metrics/*.json and params.yaml), or a git revision
+of this repository (the metrics and params committed there). Both sides' params are read with this
+checkout's validator and compared without `execution` and `tracking` (how and where a run is
+recorded, not what it computes): the table says whether they are the same, which is what makes a
+before/after of stage time mean anything. Prints the table; writes the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+
+from transformer2.config import ConfigError, load_params
+
+RUN_WRITES = ("dvc.lock", "results.json", "metrics/", "plots/", "reports/", "stage_params/")  # a run's own outputs
+KINDS = (("eval cells", "eval_"), ("experts", "expert_"), ("LoRA", "lora_"), ("CEM", "cem_"),
+         ("classifier", "classifier"))
+
+
+def read_run(source: str) -> tuple[dict[str, dict], str]:
+    """(stage -> its metrics, params.yaml text) of a checkout folder or a git revision."""
+    folder = Path(source)
+    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, check=True).stdout
+    if folder.is_dir():
+        metrics = {p.stem: json.loads(p.read_text()) for p in sorted((folder / "metrics").glob("*.json"))}
+        return metrics, (folder / "params.yaml").read_text()
+    try:
+        names = git("ls-tree", "--name-only", f"{source}:metrics").split()
+    except subprocess.CalledProcessError:
+        raise SystemExit(f"stage_time.py: {source!r} is neither a folder nor a git revision with metrics/")
+    metrics = {Path(n).stem: json.loads(git("show", f"{source}:metrics/{n}")) for n in names if n.endswith(".json")}
+    return metrics, git("show", f"{source}:params.yaml")
+
+
+def checkout(source: str) -> dict:
+    """The commit a folder's checkout was at and the tracked files it had changed besides what a run
+    writes (a swapped params.yaml, say)."""
+    try:
+        run = lambda *a: subprocess.run(["git", "-C", source, *a], capture_output=True, text=True, check=True).stdout
+        changed = [line[3:] for line in run("status", "--porcelain", "--untracked-files=no").splitlines()
+                   if line[3:] not in RUN_WRITES and not line[3:].startswith(RUN_WRITES)]
+        return {"commit": run("rev-parse", "--short", "HEAD").strip(), "changed": changed}
+    except (subprocess.CalledProcessError, OSError):
+        return {}
+
+
+def computed_params(text: str) -> dict:
+    """The params as this checkout resolves them, less what does not change what a stage computes."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(text)
+        f.flush()
+        params = load_params(f.name).model_dump()
+    return {k: v for k, v in params.items() if k not in ("execution", "tracking")}
+
+
+def kind(stage: str) -> str:
+    return next((name for name, prefix in KINDS if stage.startswith(prefix)), "the rest")
+
+
+def summary(metrics: dict[str, dict]) -> dict:
+    seconds = {s: m["seconds"] for s, m in metrics.items() if isinstance(m.get("seconds"), (int, float))}
+    by_kind: dict[str, float] = {}
+    for stage, s in seconds.items():
+        by_kind[kind(stage)] = by_kind.get(kind(stage), 0.0) + s
+    overhead = [m["overhead_s"] for m in metrics.values() if isinstance(m.get("overhead_s"), (int, float))]
+    return {"stages": len(seconds), "minutes": round(sum(seconds.values()) / 60, 2),
+            "minutes_by_kind": {k: round(v / 60, 2) for k, v in by_kind.items()},
+            "overhead_s_median": round(statistics.median(overhead), 2) if overhead else None,
+            "seconds": {s: round(v, 1) for s, v in sorted(seconds.items())}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--before", required=True, help="a checkout folder that ran dvc repro, or a git revision")
+    ap.add_argument("--after", required=True)
+    ap.add_argument("--out", default="benchmarks/results/stage_time.json")
+    args = ap.parse_args()
+    (m0, p0), (m1, p1) = read_run(args.before), read_run(args.after)
+    try:
+        same = computed_params(p0) == computed_params(p1)
+    except ConfigError as err:
+        raise SystemExit(f"stage_time.py: {err}")
+    before, after = summary(m0), summary(m1)
+    result = {"before": {"source": args.before, **checkout(args.before), **before},
+              "after": {"source": args.after, **checkout(args.after), **after},
+              "same_params": same, "ratio": round(after["minutes"] / before["minutes"], 3) if before["minutes"] else None}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"same params (less execution / tracking): {'yes' if same else 'NO: the times below are not comparable'}")
+    print(f"{'':<14}{'before':>10}{'after':>10}{'after/before':>14}")
+    for name in [k for k, _ in KINDS] + ["the rest"]:
+        b, a = before["minutes_by_kind"].get(name, 0.0), after["minutes_by_kind"].get(name, 0.0)
+        print(f"{name:<14}{b:>9.1f}m{a:>9.1f}m{(a / b if b else float('nan')):>14.2f}")
+    print(f"{'all stages':<14}{before['minutes']:>9.1f}m{after['minutes']:>9.1f}m{result['ratio'] or float('nan'):>14.2f}"
+          f"   ({before['stages']} / {after['stages']} stages; median overhead_s {before['overhead_s_median']} / "
+          f"{after['overhead_s_median']})")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
