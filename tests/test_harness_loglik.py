@@ -122,3 +122,33 @@ def test_no_progress_bar_off_a_terminal(setup, capfd):
     assert "Tokenizing inputs" not in capfd.readouterr().err
     _same(quiet, Transformer2LM(pretrained=setup["model"], device="cpu", batch_size=3).loglikelihood(
         _requests()[:4], disable_tqdm=True))
+
+
+def test_options_that_share_their_input_share_one_segment():
+    """Options whose inputs are the same (single tokens such as letters, or answers that differ in
+    their last token) run as one segment of the options' forward, and score as if each ran alone."""
+    from transformer2.models import build_tiny_random
+
+    model, _ = build_tiny_random("llama", seed=5)
+    model.eval()
+    rand = kernels.random_prompt_maker(model, seed=2)
+    stem = rand(3)
+    prompts = [rand(9), rand(14)]
+    options = [[[11], [12], [13], [14]], [stem + [7], stem + [8], rand(2)]]
+    fed = []
+    hook = model.model.register_forward_pre_hook(lambda m, a, kw: fed.append(kw["input_ids"].shape[0]),
+                                                 with_kwargs=True)
+    try:
+        together = loglik.token_logprobs(model, prompts, options, batch_size=2)
+    finally:
+        hook.remove()
+    rows = kernels.alignment(model).rows
+    assert fed[-1] == 3 * rows  # prompt 0: one segment for its 4 letters; prompt 1: two for its 3 options
+    same = (lambda a, b: a == b) if kernels.alignment(model).invariant else \
+        (lambda a, b: a == pytest.approx(b, abs=1e-5))
+    for i, cands in enumerate(options):
+        for j, cand in enumerate(cands):
+            alone = loglik.token_logprobs(model, [prompts[i]], [[cand]])
+            assert same(alone.logprob[0][0], together.logprob[i][j])
+            assert alone.greedy[0][0] == together.greedy[i][j] and together.tokens[i][j] == len(cand)
+    assert len(set(together.logprob[0])) == 4  # four targets read from the one segment

@@ -141,7 +141,8 @@ def token_logprobs(model, prompts: Sequence[Sequence[int]], continuations: Seque
       z group (when it has >= `min_shared_tokens` tokens) and is copied into every row;
     - per batch of <= `batch_size` prompts: one packed prefill of each prompt's own tokens but
       its last, then one packed forward of every candidate (the last prompt token + the
-      candidate but its last token) into its prompt's slot, with logits for every position.
+      candidate but its last token) into its prompt's slot, with logits for every position;
+      candidates with the same input (single-token options) share one segment.
     A batch also stops growing before those logits (candidate tokens × vocabulary, float32) pass
     `max_logits_mb`: long teacher-forced answers (CEM's gold log-likelihood, lm-eval's rolling
     windows) stay bounded. With `group_z` ({name: (G, r)}), row i runs with z =
@@ -187,7 +188,8 @@ def token_logprobs(model, prompts: Sequence[Sequence[int]], continuations: Seque
     out_lp: list[list[float]] = [[] for _ in prompt_ids]
     out_g: list[list[bool]] = [[] for _ in prompt_ids]
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))  # similar KV lengths per batch
-    scored = [sum(_round_up(len(c), al.rows) for c in cands) for cands in per_prompt]
+    scored = [sum(_round_up(len(c), al.rows) for c in {tuple(c[:-1]): c for c in cands}.values())  # its segments
+              for cands in per_prompt]
     vocab = model.get_output_embeddings().weight.shape[0]
     for idx in _logit_batches(order, scored, batch_size, vocab, max_logits_mb):
         length = _round_up(max(len(prompt_ids[i]) + max(map(len, per_prompt[i])) for i in idx) + al.rows, al.keys)
@@ -198,32 +200,36 @@ def token_logprobs(model, prompts: Sequence[Sequence[int]], continuations: Seque
         prefill(model, kv, [(b, groups[i], prompt_ids[i][C:-1], C) for b, i in enumerate(idx)
                             if len(prompt_ids[i]) - 1 > C], pad=pad_id, prefill_tokens=prefill_tokens, use_z=use_z)
         # every candidate: one segment of its prompt's slot, from the last prompt token on; the
-        # segments of one slot overwrite each other's keys, each only after it has attended
-        ids, pos, rows, targets, segments, spans = [], [], [], [], [], []
+        # segments of one slot overwrite each other's keys, each only after it has attended.
+        # Candidates whose inputs are the same (all but their last token: single-token options
+        # such as letters) share one segment: the same tokens at the same positions give the
+        # same logits bit for bit, so each reads its own target there
+        ids, pos, rows, segments, at, first = [], [], [], [], [], {}
         for b, i in enumerate(idx):
             start = len(prompt_ids[i]) - 1
             for cand in per_prompt[i]:
-                n = _round_up(len(cand), al.rows)
-                segments.append((b, start, len(ids), n))
-                spans.append((len(ids), len(cand)))
-                ids += [prompt_ids[i][-1]] + cand[:-1] + [pad_id] * (n - len(cand))
-                targets += cand + [0] * (n - len(cand))
-                pos += range(start, start + n)
-                rows += [groups[i]] * n
+                key = (b, tuple(cand[:-1]))
+                if key not in first:
+                    n = _round_up(len(cand), al.rows)
+                    first[key] = len(ids)
+                    segments.append((b, start, len(ids), n))
+                    ids += [prompt_ids[i][-1]] + cand[:-1] + [pad_id] * (n - len(cand))
+                    pos += range(start, start + n)
+                    rows += [groups[i]] * n
+                at += [(first[key] + j, t) for j, t in enumerate(cand)]
         kv.set_prefill(segments)
         use_z(rows)
         logits = _forward(model, kv, torch.tensor(ids, device=device), torch.tensor(pos, device=device))
-        target = torch.tensor(targets, device=device)
-        lp = (logits.gather(-1, target[:, None])[:, 0].float() - _logsumexp_rows(logits)).tolist()
-        hit = (logits.argmax(-1) == target).tolist()
+        where, target = (torch.tensor(x, device=device) for x in zip(*at))
+        lp = (logits[where, target].float() - _logsumexp_rows(logits)[where]).tolist()
+        hit = (logits.argmax(-1)[where] == target).tolist()
         del logits, kv
         k = 0
         for i in idx:
-            for _ in per_prompt[i]:
-                off, n = spans[k]
-                out_lp[i].append(float(sum(lp[off:off + n])))
-                out_g[i].append(all(hit[off:off + n]))
-                k += 1
+            for cand in per_prompt[i]:
+                out_lp[i].append(float(sum(lp[k:k + len(cand)])))
+                out_g[i].append(all(hit[k:k + len(cand)]))
+                k += len(cand)
     return ContinuationScores(out_lp, [[len(c) for c in cands] for cands in per_prompt], out_g)
 
 
