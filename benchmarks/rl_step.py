@@ -20,6 +20,7 @@ from transformer2.adapters import SVFAdapter
 from transformer2.tasks import load_split
 from transformer2.generation import chat_prompts, rollout
 from transformer2.models import load_patched
+from transformer2.runtime import keep_freed_memory
 from transformer2.rl import RLObjectiveConfig, reinforce_objective
 from transformer2.svf import SVFConfig, init_expert, set_expert
 
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/rl_step.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    malloc_tuned = keep_freed_memory()  # as the stages run (flows/cli.py); T2_MALLOPT=off measures glibc's default
 
     model, tokenizer, info = load_patched("artifacts/model", "artifacts/svd", SVFConfig(targets="mlp"))
     expert = init_expert(model, info.fingerprint, SVFConfig(targets="mlp"), torch.Generator().manual_seed(0))
@@ -78,7 +80,7 @@ def main() -> None:
     med = lambda key: statistics.median(s[key] for s in steps)
     result = {
         "model": info.name, "task": args.task, "batch": args.batch, "max_new_tokens": args.max_new_tokens,
-        "repeats": args.repeats, "threads": args.threads,
+        "repeats": args.repeats, "threads": args.threads, "malloc_tuned": malloc_tuned,
         "step_seconds": {k: round(med(f"seconds_{k}"), 3) for k in ("rollout", "score", "logprob", "backward", "total")},
         "rollout_completion_tokens_per_s": round(med("rollout_tokens_per_s"), 2),
         "generation_tokens_per_s": {k: round(statistics.median(v), 2) for k, v in rates.items()},
