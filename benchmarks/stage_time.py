@@ -24,10 +24,13 @@ KINDS = (("eval cells", "eval_"), ("experts", "expert_"), ("LoRA", "lora_"), ("C
          ("classifier", "classifier"))
 
 
+def git(*args: str, where: str = ".") -> str:
+    return subprocess.run(["git", "-C", where, *args], capture_output=True, text=True, check=True).stdout
+
+
 def read_run(source: str) -> tuple[dict[str, dict], str]:
     """(stage -> its metrics, params.yaml text) of a checkout folder or a git revision."""
     folder = Path(source)
-    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, check=True).stdout
     if folder.is_dir():
         metrics = {p.stem: json.loads(p.read_text()) for p in sorted((folder / "metrics").glob("*.json"))}
         return metrics, (folder / "params.yaml").read_text()
@@ -43,10 +46,9 @@ def checkout(source: str) -> dict:
     """The commit a folder's checkout was at and the tracked files it had changed besides what a run
     writes (a swapped params.yaml, say)."""
     try:
-        run = lambda *a: subprocess.run(["git", "-C", source, *a], capture_output=True, text=True, check=True).stdout
-        changed = [line[3:] for line in run("status", "--porcelain", "--untracked-files=no").splitlines()
+        changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no", where=source).splitlines()
                    if line[3:] not in RUN_WRITES and not line[3:].startswith(RUN_WRITES)]
-        return {"commit": run("rev-parse", "--short", "HEAD").strip(), "changed": changed}
+        return {"commit": git("rev-parse", "--short", "HEAD", where=source).strip(), "changed": changed}
     except (subprocess.CalledProcessError, OSError):
         return {}
 
