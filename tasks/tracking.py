@@ -293,7 +293,7 @@ def cell_metrics(cell: dict) -> tuple[str, dict[str, float]]:
 
 
 CURVE_FIELDS = ("step", "reward", "accuracy", "kl", "loss", "grad_norm", "val_accuracy", "rollout_tokens_per_s",
-                "seconds_rollout", "seconds_logprob", "seconds_forward", "seconds_backward")
+                "seconds_rollout", "seconds_logprob", "seconds_forward", "seconds_backward", "seconds_validation")
 
 
 def write_curve(path: str | Path, history: list[dict], fields: tuple[str, ...] = CURVE_FIELDS) -> None:

@@ -92,3 +92,20 @@ def test_a_damaged_checkpoint_starts_afresh_instead_of_crashing(tmp_path, capsys
     assert result.resumed_from == 0 and "cannot be read" in capsys.readouterr().out
     _, fresh = _run(docs, tmp_path / "fresh", steps=3, resume=False)
     assert torch.equal(w, fresh)
+
+
+def test_validation_time_is_recorded_per_validation_and_in_all(tmp_path):
+    import time
+
+    def slow_validate():  # a validation that decodes: here it only takes time
+        time.sleep(0.05)
+        return 0.5
+
+    adapter = VectorAdapter()
+    cfg = LoopConfig(steps=4, batch_size=2, lr=0.1, grad_clip=10.0, eval_every=2)
+    result = fit(adapter, _objective(adapter), slow_validate, [{"y": 1.0}] * 4, cfg, tmp_path)
+    timed = {m["step"]: m["seconds_validation"] for m in result.history if "seconds_validation" in m}
+    assert sorted(timed) == [2, 4] and all(s >= 0.05 for s in timed.values())
+    # the base's validation (before step 1) counts in the total, not in any step
+    assert result.validation_seconds >= sum(timed.values()) + 0.05
+    assert result.validation_summary()["validation_seconds"] == round(result.validation_seconds, 3)

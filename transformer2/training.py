@@ -46,6 +46,8 @@ class TrainResult:
     seconds: float = 0.0
     resumed_from: int = 0
     val_n: Optional[int] = None  # docs behind each validation accuracy (its records carry ci_low/ci_high)
+    validation_seconds: float = 0.0  # this process's validations, the base's included (they decode: a large
+                                     # share of a CPU profile's stage time, and not in any step's phases)
 
     def output_files(self) -> dict[str, dict]:
         """What a stage saves beside the adapter, in the same unit (`Expert.save` / `LoRAAdapter.save` extra):
@@ -53,8 +55,9 @@ class TrainResult:
         return {VALIDATIONS: {"validations": self.validations}}
 
     def validation_summary(self) -> dict:
-        """The base's and the best step's validation accuracy with n and their 95% intervals, for metrics."""
-        out: dict = {"val_n": self.val_n}
+        """The base's and the best step's validation accuracy with n and their 95% intervals, and the
+        seconds this process spent validating, for metrics."""
+        out: dict = {"val_n": self.val_n, "validation_seconds": round(self.validation_seconds, 3)}
         for name, step in (("base", 0), ("best", self.best_step)):
             record = next((v for v in self.validations if v["step"] == step and "ci_low" in v), None)
             if record is not None:
@@ -138,7 +141,7 @@ def fit(adapter: Adapter, objective: Objective, validate: Validate, train_docs: 
     opt, sched = make_optimizer(adapter.trainable(), cfg)
     identity = run_fingerprint({**asdict(cfg), "run_id": run_id}, [docs_bytes(train_docs), docs_bytes(inputs)])
     step, history, validations, best, resumed_from = 0, [], [], None, 0
-    base_acc = None
+    base_acc, validation_seconds = None, 0.0
     ckpt = load_torch_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None  # damaged: start afresh
     if ckpt is not None:
         if ckpt.get("identity") == identity:
@@ -156,8 +159,10 @@ def fit(adapter: Adapter, objective: Objective, validate: Validate, train_docs: 
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
     if base_acc is None:
+        t = time.perf_counter()
         with adapter.disabled():
             base_acc = validate()
+        validation_seconds += time.perf_counter() - t
         validations.append(with_interval({"step": 0, "val_accuracy": base_acc, "weights": "base"}, val_n))
     start = time.perf_counter()
     while step < cfg.steps:
@@ -172,8 +177,11 @@ def fit(adapter: Adapter, objective: Objective, validate: Validate, train_docs: 
         metrics.update(step=step, grad_norm=float(grad_norm), lr=opt.param_groups[0]["lr"],
                        seconds_update=round(time.perf_counter() - t, 4))
         if step % cfg.eval_every == 0 or step == cfg.steps:
+            t = time.perf_counter()
             with adapter.inference():
                 acc = validate()
+            metrics["seconds_validation"] = round(time.perf_counter() - t, 4)
+            validation_seconds += metrics["seconds_validation"]
             record = with_interval({"step": step, "val_accuracy": acc, "weights": adapter.kind}, val_n)
             metrics["val_accuracy"] = acc
             metrics.update({f"val_{k}": record[k] for k in ("n", "ci_low", "ci_high") if k in record})
@@ -191,4 +199,5 @@ def fit(adapter: Adapter, objective: Objective, validate: Validate, train_docs: 
     assert best is not None  # the last step always validates
     return TrainResult(best_state=best["state"], best_step=best["step"], best_val_accuracy=best["val_accuracy"],
                        base_val_accuracy=base_acc, history=history, validations=validations,
-                       seconds=round(time.perf_counter() - start, 3), resumed_from=resumed_from, val_n=val_n)
+                       seconds=round(time.perf_counter() - start, 3), resumed_from=resumed_from, val_n=val_n,
+                       validation_seconds=validation_seconds)
