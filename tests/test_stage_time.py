@@ -50,3 +50,16 @@ def test_a_source_that_is_neither_folder_nor_revision_is_one_line(tmp_path, monk
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit, match="neither a folder nor a git revision"):
         stage_time.main()
+
+
+def test_training_stages_split_by_phase_from_their_curves():
+    curve = ("step,val_accuracy,seconds_rollout,seconds_logprob,seconds_forward,seconds_backward,seconds_validation\n"
+             "1,,10.0,4.0,,3.0,\n"
+             "2,0.5,9.0,3.0,,3.0,20.0\n")
+    lora = "step,seconds_rollout,seconds_logprob,seconds_forward,seconds_backward\n1,,,5.0,4.0\n"
+    metrics = {"expert_gsm8k": {"seconds": 120.0}, "lora_gsm8k": {"seconds": 69.0},
+               "classifier": {"seconds": 60.0},  # no curve: all of it is "the rest"
+               "eval_base_gsm8k": {"seconds": 500.0}}  # not a training stage
+    phases = stage_time.training_phases(metrics, {"expert_gsm8k": curve, "lora_gsm8k": lora})
+    assert phases == {"rollouts": round(19 / 60, 2), "gradient pass": round(22 / 60, 2),
+                      "validation": round(20 / 60, 2), "the rest": round((68 + 60 + 60) / 60, 2)}
