@@ -145,6 +145,7 @@ def test_loglik_objective_raises_a_rewarded_label_and_lowers_a_punished_one(tmp_
     metrics = loglik_objective(model, tokenizer, adapter)([{"question": q, "label": lab}
                                                            for q, lab in zip(questions, labels)])
     assert metrics["reward"] == (1.0 if right else -1.0)
+    assert metrics["seconds_logprob"] > 0 and metrics["seconds_backward"] > 0  # the RL steps' phases, for the curves
     with torch.no_grad():
         for z in adapter.trainable():
             z -= 0.05 * z.grad  # one plain gradient step on the loss
