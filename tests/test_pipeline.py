@@ -70,6 +70,9 @@ def test_dvc_repro_runs_every_stage(project):
     assert len(lora["base_val_ci95"]) == 2 and len(lora["best_val_ci95"]) == 2  # LoRA's validation too
     curve = (root / "plots/expert_gsm8k.csv").read_text().splitlines()
     assert curve[0].startswith("step,reward") and len(curve) == 3
+    # where the stage's time went: each step's phases, the validations apart (the base's included)
+    assert curve[0].endswith("seconds_backward,seconds_validation") and curve[2].split(",")[-1] != ""
+    assert metrics["validation_seconds"] > 0 and lora["validation_seconds"] > 0
     assert (root / "mlflow.db").is_file()
     lora = json.loads((root / "metrics/lora_gsm8k.json").read_text())
     assert lora["kind"] == "lora" and lora["objective"] == "next_token" and lora["trainable_parameters"] > 0
