@@ -187,3 +187,48 @@ def test_heldout_docs_come_from_test_splits_with_categories(data_root):
     assert len(heldout_docs(data_root, ["mbpp"], per_task=None)) == 9  # whole split
     pred = ["math", "other", "math", "math", "reasoning", None, "math", "reasoning"]
     assert per_source_accuracy(docs, pred) == {"gsm8k": 0.75, "arc_challenge": 0.5}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma3"])
+def test_shared_instructions_run_once_with_the_same_scores_and_gradients(tmp_path, arch):
+    """The prompts' common prefix (the classification instructions) runs once for every prompt in the
+    differentiable label scoring: the same log-probs and z-gradients, to float rounding, as running
+    each prompt whole, on every architecture's cache. Within a sliding window (gemma3's tiny one is
+    64 tokens) the prefix is shared only while the whole row fits in it: the suffixes' padding then
+    sits after the prefix, where the window would count it."""
+    from transformer2.adapters import SVFAdapter
+    from transformer2.dispatch import LABEL_CONTINUATIONS, classification_prompts
+    from transformer2.loglik import continuation_logprobs_grad
+    from transformer2.models import build_tiny_random, fingerprint
+    from transformer2.svd import decompose, load_factors
+    from transformer2.svf import SVFConfig, apply_svf, find_targets, init_expert
+
+    model, tokenizer = build_tiny_random(arch)
+    fp = fingerprint(model)
+    decompose(model, find_targets(model, "mlp"), tmp_path, fp)
+    apply_svf(model, load_factors(tmp_path, fp), SVFConfig())
+    adapter = SVFAdapter(model, init_expert(model, fp, SVFConfig(), torch.Generator().manual_seed(0)))
+    questions = ["What is 2 + 2?", "Write a function that sorts a list.", "Hi", "Which gas do plants take in?"]
+    calls = []
+    model.register_forward_pre_hook(lambda m, args, kw: calls.append(kw["input_ids"].shape), with_kwargs=True)
+
+    def scores_and_grads(prompts, **kw):
+        for z in adapter.trainable():
+            z.grad = None
+        calls.clear()
+        scores, _, _ = continuation_logprobs_grad(model, tokenizer, prompts, LABEL_CONTINUATIONS, **kw)
+        scores.sum().backward()
+        return scores.detach(), torch.cat([z.grad.flatten() for z in adapter.trainable()]), list(calls)
+
+    long_prompts = classification_prompts(tokenizer, questions)  # ~200 tokens, most of them shared
+    short_prompts = ["Which category is this? " + q for q in ("2 + 2?", "Sort a list.", "Hi", "Plants?")]  # < 64
+    for prompts in (long_prompts, short_prompts):
+        shared, shared_grad, shared_calls = scores_and_grads(prompts)
+        whole, whole_grad, whole_calls = scores_and_grads(prompts, min_shared_tokens=10**9)
+        if arch == "gemma3" and prompts is long_prompts:
+            assert shared_calls == whole_calls  # longer than its window: each prompt runs whole
+            continue
+        assert shared_calls[0][0] == 1 and len(shared_calls) == len(whole_calls) + 1  # the prefix: one row, once
+        assert shared_calls[1][1] < whole_calls[0][1] - 8  # the prompts' pass no longer carries it
+        assert torch.allclose(shared, whole, atol=1e-4, rtol=0)
+        assert torch.allclose(shared_grad, whole_grad, atol=1e-6, rtol=1e-3)
