@@ -149,7 +149,7 @@ def token_logprobs(model, prompts: Sequence[Sequence[int]], continuations: Seque
     group_z[name][row_group[i]] (the per-sample factored path of SVFLinear; `row_group` defaults
     to one group per row); without it, with whatever weights the model has active.
     """
-    from .decoding.engine import _common_prefix, prefill
+    from .decoding.engine import _shared_prefix, prefill
     from .decoding.kernels import alignment
     from .decoding.kv import _KV, _forward, _round_up
 
@@ -174,8 +174,7 @@ def token_logprobs(model, prompts: Sequence[Sequence[int]], continuations: Seque
             set_row_z(model, group_z, torch.tensor(rows))
 
     # the prompts' shared prefix, once per z group; every prompt keeps >= 1 token of its own
-    C = min(_common_prefix(prompt_ids), min(len(ids) for ids in prompt_ids) - 1) \
-        if share_prefix and len(prompt_ids) > 1 else 0
+    C = _shared_prefix(prompt_ids) if share_prefix else 0
     al = align or alignment(model)
     prefix, slot = None, {}
     if C >= min_shared_tokens:
@@ -305,14 +304,14 @@ def continuation_logprobs_grad(model, tokenizer, prompts: Sequence[str], continu
     prompts share (>= `min_shared_tokens`; the classification prompts' instructions, 148 of ~210
     tokens) runs once for all of them: a classifier step 9.3 -> 5.6 s (12 prompts, SmolLM2, fp32),
     the same log-probabilities and z-gradients to float rounding."""
-    from .decoding.engine import _common_prefix
+    from .decoding.engine import _shared_prefix
     from .models import returned_cache
 
     prompts = _encode(tokenizer, prompts)
     labels = _encode(tokenizer, continuations)
     P, K, C = len(prompts), len(labels), max(len(lab) for lab in labels)
     pad, device = _pad_id(tokenizer), _device(model)
-    S = min(_common_prefix(prompts), min(len(p) for p in prompts) - 1) if P > 1 else 0
+    S = _shared_prefix(prompts)
     window = _sliding_window(model)  # the suffixes' padding sits after the prefix: inside a window, if any
     cache = None
     if S >= min_shared_tokens and (window is None or max(len(p) for p in prompts) + C <= window):

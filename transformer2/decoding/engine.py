@@ -18,8 +18,12 @@ from .sampling import _pick, _row_uniforms
 PIECE = 512       # longest prefill piece of one prompt (bounds the (heads, piece, keys) scores)
 
 
-def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
-    n, first, k = min(len(s) for s in seqs), seqs[0], 0
+def _shared_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """How many tokens every sequence starts with, leaving each at least one of its own (its last
+    token feeds the step that scores or decodes it); 0 for fewer than two sequences."""
+    if len(seqs) < 2:
+        return 0
+    n, first, k = min(len(s) for s in seqs) - 1, seqs[0], 0
     while k < n and all(s[k] == first[k] for s in seqs):
         k += 1
     return k
@@ -90,7 +94,7 @@ class _Decoder:
         # the common prefix, once per z group (not worth it with more groups than slots)
         self.shared, self.prefix = 0, None
         if share_prefix and n > 1:
-            shared = min(_common_prefix(prompts), min(len(p) for p in prompts) - 1)
+            shared = _shared_prefix(prompts)
             used = sorted(set(self.groups))
             if shared >= min_shared_tokens and len(used) <= self.slots:
                 self.shared, self.group_slot = shared, {g: i for i, g in enumerate(used)}
